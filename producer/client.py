@@ -1,0 +1,172 @@
+"""Enqueueing mail events and reading their outcomes, by task *name* only.
+
+The producer never imports the worker: it talks to the broker with a client-only Celery app
+that knows the task name ``mailsender.send``, JSON only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+
+from producer import names
+from producer.errors import EnqueueFailed, MailDeliveryFailed
+from producer.models import MailEvent, Transaction
+
+PUBLISH_RETRY_POLICY: dict[str, float] = {
+    "max_retries": 5,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+"""How long ``send`` keeps trying to reach the broker before it raises ``EnqueueFailed``."""
+
+
+def summary_of(event: MailEvent) -> str:
+    """A redacted one-line summary of an event for Flower: no body, no attachment content."""
+    return (
+        f"{{'instance': {event.instance!r}, 'eventId': {event.event_id!r}, "
+        f"'subject': {event.subject[:80]!r}, 'recipients': {len(event.recipients)}, "
+        f"'cc': {len(event.cc)}, 'bcc': {len(event.bcc)}, "
+        f"'attachments': {len(event.attachments)}}}"
+    )
+
+
+def make_client_app(broker_url: str, result_backend: str) -> Celery:
+    """A Celery app that only sends tasks by name and reads results; JSON only."""
+    app = Celery("mailsender-producer", broker=broker_url, backend=result_backend)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=names.DEFAULT_QUEUE,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+    )
+    return app
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What ``send`` returns: the event's id, and a way to wait for its transaction."""
+
+    event_id: str
+    _app: Celery
+
+    def wait(self, timeout_s: float) -> Transaction:
+        """Wait for the final outcome and return its transaction, success or failure.
+
+        Raises ``TimeoutError`` when there is no final outcome within ``timeout_s`` seconds.
+        """
+        result = AsyncResult(self.event_id, app=self._app)
+        try:
+            value = result.get(timeout=timeout_s, propagate=False, interval=0.05)
+        except CeleryTimeoutError:
+            raise TimeoutError(
+                f"no outcome for event {self.event_id} within {timeout_s:g} s"
+            ) from None
+        if isinstance(value, MailDeliveryFailed):
+            return value.transaction
+        if isinstance(value, BaseException):
+            raise MailDeliveryFailed(
+                f"event {self.event_id} ended with an unexpected error: {value}"
+            ) from value
+        return Transaction.model_validate(value)
+
+    @property
+    def state(self) -> str:
+        """The Celery task state: PENDING, RECEIVED, STARTED, RETRY, SUCCESS or FAILURE."""
+        return str(AsyncResult(self.event_id, app=self._app).state)
+
+
+class MailProducer:
+    """Enqueues mail events for the MailSender workers.
+
+    ``broker_url`` defaults to env ``MAILSENDER_BROKER_URL``, else ``redis://localhost:6379/0``;
+    ``result_backend`` to env ``MAILSENDER_RESULT_BACKEND``, else the broker URL.
+    """
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        result_backend: str | None = None,
+        *,
+        queue: str = names.DEFAULT_QUEUE,
+    ) -> None:
+        self.broker_url = (
+            broker_url or os.environ.get(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
+        )
+        self.result_backend = (
+            result_backend or os.environ.get(names.ENV_RESULT_BACKEND) or self.broker_url
+        )
+        self.queue = queue
+        self.app = make_client_app(self.broker_url, self.result_backend)
+
+    def send(self, event: MailEvent | dict[str, Any]) -> Receipt:
+        """Validate and enqueue one event.
+
+        Raises ``InvalidEvent`` (nothing enqueued) naming the bad field, or ``EnqueueFailed``
+        when the broker cannot be reached within the publish retry policy.
+        """
+        return self.send_many([event])[0]
+
+    def send_many(self, events: Iterable[MailEvent | dict[str, Any]]) -> list[Receipt]:
+        """Validate every event first, then enqueue them all over one broker connection.
+
+        If any event is invalid, none is enqueued.
+        """
+        parsed = [MailEvent.parse(e) for e in events]
+        receipts: list[Receipt] = []
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for event in parsed:
+                    self.app.send_task(
+                        names.TASK_NAME,
+                        kwargs={"event": event.to_json()},
+                        task_id=event.event_id,
+                        queue=self.queue,
+                        producer=producer,
+                        kwargsrepr=summary_of(event),
+                        argsrepr="()",
+                        retry=True,
+                        retry_policy=PUBLISH_RETRY_POLICY,
+                    )
+                    receipts.append(Receipt(event.event_id, self.app))
+        except OperationalError as exc:
+            raise EnqueueFailed(
+                f"could not enqueue to the broker at {_redact(self.broker_url)} "
+                f"({len(receipts)} of {len(parsed)} enqueued): {exc}"
+            ) from exc
+        return receipts
+
+    def receipt(self, event_id: str) -> Receipt:
+        """A receipt for an event enqueued earlier (to wait for its outcome)."""
+        return Receipt(event_id, self.app)
+
+    def close(self) -> None:
+        """Release the broker and result backend connections."""
+        self.app.close()
+
+    def __enter__(self) -> MailProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _redact(url: str) -> str:
+    """A URL without its password, for messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"

@@ -1,0 +1,320 @@
+"""The contract's data: mail events, attachments, transactions and instance events.
+
+Every model accepts the seed's camelCase names and their snake_case spelling, and is dumped
+with camelCase (``to_json``). Validation is strict about anything that would end up in a
+header: CR and LF are rejected, also when hidden in an RFC 2047 encoded word.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from datetime import UTC, datetime
+from email.header import decode_header
+from email.headerregistry import Address
+from email.policy import default as default_policy
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from producer.errors import InvalidEvent
+
+INSTANCE_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+_EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
+_CONTENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        str_strip_whitespace=False,
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of the contract (camelCase keys)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --- header safety ------------------------------------------------------------------------
+
+
+def check_header_text(value: str) -> str:
+    """Return ``value`` if it can go into a header; raise ``ValueError`` otherwise.
+
+    CR and LF are refused, also inside RFC 2047 encoded words (``=?UTF-8?Q?=0A?=``), which the
+    standard library decodes when it parses a header value.
+    """
+    if "\r" in value or "\n" in value:
+        raise ValueError("contains a line break (CR or LF), which is not allowed in a header")
+    if "=?" in value:
+        try:
+            parts = decode_header(value)
+        except Exception as exc:
+            raise ValueError(f"contains a malformed encoded word ({exc})") from exc
+        for raw, charset in parts:
+            text = raw.decode(charset or "ascii", "replace") if isinstance(raw, bytes) else raw
+            if "\r" in text or "\n" in text:
+                raise ValueError(
+                    "contains an encoded line break (CR or LF), which is not allowed in a header"
+                )
+    return value
+
+
+def parse_address_list(value: str) -> list[Address]:
+    """Parse an address list the way mail clients do (``"Doe, Jane" <jane@x>`` stays one).
+
+    Empty entries are skipped. Raises ``ValueError`` naming the entry that is not an address.
+    """
+    check_header_text(value)
+    if not value.strip():
+        return []
+    try:
+        header = default_policy.header_factory("To", value)
+    except Exception as exc:  # the stdlib parser raises IndexError & co. on some garbage
+        raise ValueError(f"{value.strip()!r} is not a valid address list") from exc
+    addresses: list[Address] = list(header.addresses)  # type: ignore[attr-defined]
+    problems = [
+        str(d)
+        for d in header.defects  # type: ignore[attr-defined]
+        if "no content" not in str(d) and "non-ASCII" not in str(d)
+    ]
+    for address in addresses:
+        if not address.username or not address.domain or " " in address.addr_spec:
+            raise ValueError(f"{address.addr_spec or value.strip()!r} is not a valid e-mail address")
+    if problems:
+        raise ValueError(f"{value.strip()!r} is not a valid address list ({problems[0]})")
+    return addresses
+
+
+def _to_address_strings(value: Any) -> list[str]:
+    """Accept a comma-separated string or a list of strings; return one string per address."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"each address must be a string, not {type(item).__name__}")
+    else:
+        raise ValueError("must be a comma-separated string or a list of strings")
+    result: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        for address in parse_address_list(item):
+            key = address.addr_spec.lower()
+            if key not in seen:
+                seen.add(key)
+                result.append(str(address))
+    return result
+
+
+AddressList = Annotated[list[str], BeforeValidator(_to_address_strings)]
+"""Addresses, given as one comma-separated string or a list; parsed, de-duplicated."""
+
+
+# --- mail events --------------------------------------------------------------------------
+
+
+class Attachment(_Model):
+    """One attachment: inline (``filename`` + base64 ``content``) or by ``path``."""
+
+    filename: str | None = None
+    content: str | None = None
+    content_type: str | None = None
+    path: str | None = None
+
+    @field_validator("filename")
+    @classmethod
+    def _filename_ok(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        check_header_text(value)
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if "/" in value or "\\" in value or "\x00" in value:
+            raise ValueError("must be a plain file name without a directory")
+        return value
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type_ok(cls, value: str | None) -> str | None:
+        if value is not None and not _CONTENT_TYPE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not a MIME type like 'application/pdf'")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_base64(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("is not valid base64") from exc
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path_ok(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise ValueError("must be a non-empty file path")
+        return value
+
+    @model_validator(mode="after")
+    def _inline_or_path(self) -> Attachment:
+        if self.path is not None:
+            if self.content is not None:
+                raise ValueError("give either 'path' or 'content', not both")
+        elif self.content is None or self.filename is None:
+            raise ValueError("an inline attachment needs 'filename' and 'content' (base64)")
+        return self
+
+    def decoded(self) -> bytes:
+        """The inline content's bytes (raises ``ValueError`` for a path attachment)."""
+        if self.content is None:
+            raise ValueError("a path attachment has no inline content")
+        return base64.b64decode(self.content, validate=True)
+
+    @classmethod
+    def inline(cls, filename: str, data: bytes, content_type: str | None = None) -> Attachment:
+        """An inline attachment from bytes."""
+        return cls(
+            filename=filename,
+            content=base64.b64encode(data).decode("ascii"),
+            content_type=content_type,
+        )
+
+
+def _attachments_in(value: Any) -> Any:
+    """A single string of paths separated by ';' is accepted too (the seed's form)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"path": p.strip()} for p in value.split(";") if p.strip()]
+    return value
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+class MailEvent(_Model):
+    """A mail event (contract §2). Construct with either spelling of each field."""
+
+    instance: str = Field(pattern=INSTANCE_NAME_PATTERN, max_length=200)
+    subject: str = ""
+    message: str = ""
+    is_html: bool = False
+    recipients: AddressList = Field(default_factory=list)
+    cc: AddressList = Field(default_factory=list)
+    bcc: AddressList = Field(default_factory=list)
+    reply_to: str | None = None
+    attachments: Annotated[list[Attachment], BeforeValidator(_attachments_in)] = Field(
+        default_factory=list
+    )
+    event_id: str = Field(default_factory=_new_event_id)
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_ok(cls, value: str) -> str:
+        return check_header_text(value)
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_to_ok(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        addresses = parse_address_list(value)
+        return ", ".join(str(a) for a in addresses) or None
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id_ok(cls, value: str) -> str:
+        if not _EVENT_ID_PATTERN.match(value):
+            raise ValueError(
+                "must be 1 to 200 characters of letters, digits and '_.:@-' (no spaces)"
+            )
+        return value
+
+    @classmethod
+    def parse(cls, data: MailEvent | dict[str, Any]) -> MailEvent:
+        """Validate ``data``; raise ``InvalidEvent`` with one sentence naming each bad field."""
+        if isinstance(data, MailEvent):
+            return data
+        if not isinstance(data, dict):
+            raise InvalidEvent(
+                f"invalid mail event: expected a JSON object, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidEvent(f"invalid mail event: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One sentence for all of a pydantic error's entries: ``field: problem; field: problem``."""
+    parts: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in error["loc"]) or "(event)"
+        msg = error["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            msg = "is not a known field"
+        elif error["type"] == "missing":
+            msg = "is required"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+# --- outcomes -----------------------------------------------------------------------------
+
+
+def utc_now() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+class Transaction(_Model):
+    """The outcome of one event (contract §4); the Celery task result under its ``eventId``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: str
+    instance: str
+    interface: str
+    endpoint: str = ""
+    success: bool
+    count: int
+    message: str
+    timestamp: datetime = Field(default_factory=utc_now)
+    message_id: str = ""
+    recipients: list[str] = Field(default_factory=list)
+    refused: dict[str, str] = Field(default_factory=dict)
+    attempts: int = 1
+
+
+class InstanceEvent(_Model):
+    """``<instance>.Done`` / ``<instance>.Failed`` on the events exchange (contract §4)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    instance: str
+    event_id: str
+    transaction: Transaction

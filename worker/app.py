@@ -1,0 +1,195 @@
+"""The Celery app of the worker fleet: ``create_app(config)``, the task, and the retry pump.
+
+The task is a thin shell: it hands the raw event to ``Deliverer.run`` and maps the outcome to
+Celery's vocabulary (a result, ``MailDeliveryFailed``, or ``Retry``). Per-process resources
+(Redis client, SMTP sessions) are made lazily in the process that uses them, after fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task, bootsteps, signals
+from celery.exceptions import Reject, Retry
+from kombu.exceptions import OperationalError
+
+from producer import names
+from producer.client import summary_of
+from producer.errors import InvalidEvent, MailDeliveryDeferred, MailDeliveryFailed
+from producer.models import MailEvent
+from worker.config import Config
+from worker.outcomes import Outcomes, declare_events
+from worker.service import Deliverer, Final
+from worker.store import Store, connect
+
+log = logging.getLogger(__name__)
+
+RETRY_POLL_S = 0.2
+RETRY_CLAIM_LEASE_S = 30.0
+INFRA_BACKOFF_S = 1.0
+
+
+@dataclass
+class Runtime:
+    """What one worker process needs to deliver: built once per process."""
+
+    pid: int
+    store: Store
+    deliverer: Deliverer
+
+
+def make_store(config: Config) -> Store:
+    """A ``Store`` on the result backend's Redis."""
+    return Store(
+        connect(config.backend_url),
+        ttl_s=config.idempotency_ttl_s,
+        transactions_max=config.transactions_max,
+        dead_letter_max=config.dead_letter_max,
+    )
+
+
+def _redacted_summary(raw: Any, event_id: str) -> str:
+    try:
+        return summary_of(MailEvent.parse(raw))
+    except InvalidEvent:
+        return f"{{'eventId': {event_id!r}, 'invalid': True}}"
+
+
+class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Moves due retries from the Redis schedule back onto their queue (worker main process)."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        app: Celery = worker.app
+        config: Config = app.conf.mailsender_config
+        try:
+            declare_events(app)
+        except OperationalError as exc:
+            log.error("cannot declare the events queue yet: %s", exc)
+        store = make_store(config)
+        self._thread = threading.Thread(
+            target=self._loop, args=(app, store), name="mailsender-retry-pump", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self, app: Celery, store: Store) -> None:
+        while not self._stop.wait(RETRY_POLL_S):
+            try:
+                pump_once(app, store)
+            except Exception as exc:  # keep pumping through Redis or broker outages
+                log.warning("retry pump: %s", exc)
+                self._stop.wait(INFRA_BACKOFF_S)
+
+
+def pump_once(app: Celery, store: Store) -> int:
+    """Publish every due retry once; returns how many were published."""
+    published = 0
+    for due in store.claim_due(RETRY_CLAIM_LEASE_S):
+        app.send_task(
+            names.TASK_NAME,
+            kwargs={"event": due.event},
+            task_id=due.event_id,
+            queue=due.queue,
+            kwargsrepr=_redacted_summary(due.event, due.event_id),
+            argsrepr="()",
+        )
+        store.confirm_published(due)
+        published += 1
+    return published
+
+
+def create_app(config: Config) -> Celery:
+    """The worker's Celery app for ``config``."""
+    app = Celery("mailsender", broker=config.broker_url, backend=config.backend_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=names.DEFAULT_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": config.visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": config.visibility_timeout_s},
+        worker_hijack_root_logger=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        mailsender_config=config,
+    )
+    app.steps["worker"].add(RetryPump)
+
+    state: dict[str, Runtime] = {}
+    lock = threading.Lock()
+
+    def runtime() -> Runtime:
+        current = state.get("rt")
+        if current is None or current.pid != os.getpid():
+            with lock:
+                current = state.get("rt")
+                if current is None or current.pid != os.getpid():
+                    store = make_store(config)
+                    current = Runtime(os.getpid(), store, Deliverer(config, store, Outcomes(app)))
+                    state["rt"] = current
+        return current
+
+    @app.task(  # type: ignore[untyped-decorator]
+        name=names.TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        throws=(MailDeliveryFailed,),
+        typing=False,
+    )
+    def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Deliver one mail event (contract §3: keyword argument ``event``)."""
+        raw = kwargs.get("event", args[0] if args else None)
+        request = self.request
+        queue = (request.delivery_info or {}).get("routing_key") or names.DEFAULT_QUEUE
+        try:
+            outcome = runtime().deliverer.run(raw, request.id, queue)
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            # Redis or the broker is away: hand the message back rather than lose it.
+            log.warning("event %s: infrastructure unavailable (%s); requeued", request.id, exc)
+            time.sleep(INFRA_BACKOFF_S)
+            raise Reject(str(exc), requeue=True) from exc
+        if isinstance(outcome, Final):
+            tx = outcome.transaction
+            if tx.success:
+                return tx.to_json()
+            raise MailDeliveryFailed(tx.message, tx.to_json())
+        raise Retry(
+            outcome.reason,
+            exc=MailDeliveryDeferred(outcome.reason, outcome.attempt),
+            when=outcome.delay_s,
+        )
+
+    @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _close_sessions(**_: Any) -> None:
+        current = state.get("rt")
+        if current is not None and current.pid == os.getpid():
+            current.deliverer.pool.close_all()
+
+    @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _close_sessions_main(**_: Any) -> None:
+        _close_sessions()
+
+    return app

@@ -1,0 +1,215 @@
+"""The worker's configuration: instances from YAML (contract §1), validated once at the edge.
+
+Pure: ``parse_config`` takes the loaded YAML and an environment mapping and returns a typed
+``Config`` or raises ``ConfigError`` listing every problem, each naming instance and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from producer import names
+from producer.models import INSTANCE_NAME_PATTERN, check_header_text, parse_address_list
+from worker.errors import ConfigError
+
+ENV_CONFIG = "MAILSENDER_CONFIG"
+DEFAULT_CONFIG_PATH = "./mailsender.yaml"
+ENV_ATTACHMENT_ROOT = "MAILSENDER_ATTACHMENT_ROOT"
+
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
+
+
+class InstanceConfig(BaseModel):
+    """One configured sender instance; the seed's parameter names, camelCase or snake_case."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    mail_server: str = Field(min_length=1)
+    port: int = Field(default=25, ge=1, le=65535)
+    use_ssl: bool = False
+    use_default_credentials: bool = False
+    user_name: str = ""
+    password: SecretStr = SecretStr("")
+    recipients: str | list[str] = ""
+    sender: str
+    subject_prefix: str = ""
+    endpoint: str = ""
+    interface: str = ""
+    ca_file: Path | None = None
+    max_retries: int = Field(default=10, ge=0, le=1000)
+    retry_delay_s: float = Field(default=10.0, gt=0)
+    retry_delay_max_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0)
+
+    @field_validator("mail_server")
+    @classmethod
+    def _host_ok(cls, value: str) -> str:
+        if any(c.isspace() for c in value) or "/" in value:
+            raise ValueError(f"{value!r} is not a host name or IP address")
+        return value
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients_ok(cls, value: str | list[str]) -> str | list[str]:
+        for item in [value] if isinstance(value, str) else value:
+            parse_address_list(item)
+        return value
+
+    @field_validator("sender")
+    @classmethod
+    def _sender_ok(cls, value: str) -> str:
+        addresses = parse_address_list(value)
+        if len(addresses) != 1:
+            raise ValueError("must be exactly one address")
+        return value
+
+    @field_validator("subject_prefix", "endpoint", "interface")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        return check_header_text(value)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @property
+    def sender_address(self) -> str:
+        """The envelope sender (addr-spec only)."""
+        return parse_address_list(self.sender)[0].addr_spec
+
+
+class Config(BaseModel):
+    """The whole worker configuration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    broker_url: str = names.DEFAULT_BROKER_URL
+    result_backend: str = ""
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    idempotency_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    dead_letter_max: int = Field(default=10000, ge=1)
+    transactions_max: int = Field(default=100000, ge=1)
+    attachment_root: Path | None = None
+    instances: dict[str, InstanceConfig] = Field(default_factory=dict)
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend's URL (the broker's when not set)."""
+        return self.result_backend or self.broker_url
+
+    def interface_of(self, instance: str) -> str:
+        """The interface an instance's transactions are grouped under."""
+        return self.instances[instance].interface or instance
+
+
+def _expand(value: Any, env: Mapping[str, str], where: str, errors: list[str]) -> Any:
+    """Replace ``${NAME}`` in every string from ``env``; note each unset name in ``errors``."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                errors.append(f"{where}: environment variable ${{{name}}} is not set")
+                return ""
+            return env[name]
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{where}.{k}" if where else str(k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, where, errors) for v in value]
+    return value
+
+
+def _describe(prefix: str, exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "is not a known key"
+        elif err["type"] == "missing":
+            msg = "is required"
+        out.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
+    return out
+
+
+def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
+    """Validate a loaded YAML document; raise ``ConfigError`` listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the configuration must be a YAML mapping with an 'instances' key"])
+    errors: list[str] = []
+    raw = dict(raw)
+    instances_raw = raw.pop("instances", None) or {}
+    top = _expand(raw, env, "", errors)
+    if names.ENV_BROKER_URL in env:
+        top["broker_url"] = env[names.ENV_BROKER_URL]
+    if names.ENV_RESULT_BACKEND in env:
+        top["result_backend"] = env[names.ENV_RESULT_BACKEND]
+    if ENV_ATTACHMENT_ROOT in env:
+        top["attachment_root"] = env[ENV_ATTACHMENT_ROOT]
+    instances: dict[str, InstanceConfig] = {}
+    if not isinstance(instances_raw, dict):
+        errors.append("instances: must be a mapping of instance name to its parameters")
+        instances_raw = {}
+    for name, params in instances_raw.items():
+        name = str(name)
+        prefix = f"instance {name!r}: "
+        if not _INSTANCE_NAME.match(name):
+            errors.append(f"{prefix}the name may contain only letters, digits, '_', '-' and '.'")
+            continue
+        if not isinstance(params, dict):
+            errors.append(f"{prefix}must be a mapping of parameters")
+            continue
+        expanded = _expand(params, env, "", var_errors := [])
+        errors.extend(prefix + e for e in var_errors)
+        try:
+            instances[name] = InstanceConfig.model_validate(expanded)
+        except ValidationError as exc:
+            errors.extend(_describe(prefix, exc))
+    try:
+        config = Config.model_validate({**top, "instances": {}})
+    except ValidationError as exc:
+        errors.extend(_describe("", exc))
+        raise ConfigError(errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return config.model_copy(update={"instances": instances})
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (``MAILSENDER_CONFIG``, default ``./mailsender.yaml``) and validate it."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"configuration file {str(path)!r} not found (set {ENV_CONFIG} to its path)"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"configuration file {str(path)!r} cannot be read: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"configuration file {str(path)!r} is not valid YAML{where}"]) from None
+    return parse_config(raw, env)

@@ -1,0 +1,237 @@
+"""Building the e-mail (pure apart from reading path attachments): event + instance → message.
+
+``build_message`` returns the bytes to send (CRLF line endings, RFC 5322) and the envelope.
+Every header value is checked again after the standard library parsed it, because the
+parser decodes RFC 2047 encoded words, which could otherwise smuggle a line break in.
+"""
+
+from __future__ import annotations
+
+import html
+import mimetypes
+import re
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP, SMTPUTF8
+from email.utils import format_datetime
+from html.parser import HTMLParser
+from pathlib import Path
+
+from producer.models import Attachment, MailEvent, parse_address_list, utc_now
+from worker.config import InstanceConfig
+from worker.errors import PermanentError
+
+
+@dataclass(frozen=True)
+class BuiltMessage:
+    """A message ready for SMTP: envelope and bytes."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
+    needs_smtputf8: bool
+
+
+def message_id_for(event_id: str, sender: str) -> str:
+    """The Message-ID of an event: the same on every attempt, so receivers can de-duplicate."""
+    domain = sender.rsplit("@", 1)[-1] or "mailsender.invalid"
+    safe = re.sub(r"[^A-Za-z0-9_.\-]", "-", event_id)
+    return f"<{safe}@{domain}>"
+
+
+def _addresses(values: list[str] | str) -> list[Address]:
+    items = [values] if isinstance(values, str) else values
+    out: list[Address] = []
+    seen: set[str] = set()
+    for item in items:
+        for address in parse_address_list(item):
+            if address.addr_spec.lower() not in seen:
+                seen.add(address.addr_spec.lower())
+                out.append(address)
+    return out
+
+
+class _TextExtractor(HTMLParser):
+    """HTML → readable plain text: block elements become line breaks, links keep their URL."""
+
+    _BLOCK = frozenset(
+        "p div br tr li h1 h2 h3 h4 h5 h6 table ul ol blockquote pre hr section article".split()
+    )
+    _SKIP = frozenset({"script", "style", "head", "title"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+        self._href: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skip += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+        if tag == "li":
+            self.parts.append("- ")
+        if tag == "a":
+            self._href = dict(attrs).get("href")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skip = max(0, self._skip - 1)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+        if tag == "a" and self._href and not self._href.startswith("#"):
+            self.parts.append(f" <{self._href}>")
+            self._href = None
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+
+def html_to_text(markup: str) -> str:
+    """A plain-text alternative of an HTML body."""
+    parser = _TextExtractor()
+    parser.feed(markup)
+    parser.close()
+    text = "".join(parser.parts)
+    lines = [line.strip() for line in text.splitlines()]
+    text = "\n".join(lines)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return html.unescape(text) + "\n"
+
+
+def resolve_attachment_path(path: str, root: Path | None) -> Path:
+    """The file a path attachment names, which must lie inside ``root`` (symlinks resolved)."""
+    if root is None:
+        raise PermanentError(
+            f"attachment {path!r} refused: path attachments need MAILSENDER_ATTACHMENT_ROOT"
+        )
+    base = root.resolve()
+    candidate = Path(path)
+    target = candidate if candidate.is_absolute() else base / candidate
+    try:
+        resolved = target.resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PermanentError(f"attachment {path!r} not found in the attachment root") from None
+    except (OSError, RuntimeError) as exc:
+        raise PermanentError(f"attachment {path!r} cannot be opened: {exc}") from None
+    if not resolved.is_relative_to(base):
+        raise PermanentError(f"attachment {path!r} refused: it lies outside the attachment root")
+    if not resolved.is_file():
+        raise PermanentError(f"attachment {path!r} is not a regular file")
+    return resolved
+
+
+def _attachment_bytes(
+    attachment: Attachment, root: Path | None, budget: int
+) -> tuple[str, bytes]:
+    if attachment.path is not None:
+        path = resolve_attachment_path(attachment.path, root)
+        size = path.stat().st_size
+        if size > budget:
+            raise PermanentError(
+                f"attachment {attachment.path!r} is {size} bytes, over the message limit"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise PermanentError(
+                f"attachment {attachment.path!r} cannot be read: {exc.strerror}"
+            ) from None
+        return attachment.filename or path.name, data
+    data = attachment.decoded()
+    assert attachment.filename is not None  # the model requires it for inline attachments
+    return attachment.filename, data
+
+
+def _set_header(msg: EmailMessage, name: str, value: str) -> None:
+    msg[name] = value
+    parsed = str(msg[name])
+    if "\r" in parsed or "\n" in parsed:
+        del msg[name]
+        raise PermanentError(f"the {name} header would contain a line break; refused")
+
+
+def build_message(
+    event: MailEvent,
+    instance: InstanceConfig,
+    *,
+    attachment_root: Path | None = None,
+    max_bytes: int | None = None,
+) -> BuiltMessage:
+    """Build the message of ``event`` as sent by ``instance``.
+
+    Raises ``PermanentError`` for anything that makes the event unsendable: no recipients,
+    an attachment outside the root or missing, a header that would carry a line break, or a
+    message over ``max_bytes``.
+    """
+    limit = max_bytes or instance.max_message_bytes
+    sender = parse_address_list(instance.sender)[0]
+    to = _addresses(event.recipients) or _addresses(instance.recipients)
+    cc = _addresses(event.cc)
+    bcc = _addresses(event.bcc)
+    envelope: list[str] = []
+    for address in [*to, *cc, *bcc]:
+        if address.addr_spec.lower() not in {a.lower() for a in envelope}:
+            envelope.append(address.addr_spec)
+    if not envelope:
+        raise PermanentError(
+            "no recipients: the event has none and the instance has no default recipients"
+        )
+
+    msg = EmailMessage()
+    message_id = message_id_for(event.event_id, sender.addr_spec)
+    _set_header(msg, "From", str(sender))
+    if to:
+        msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if event.reply_to:
+        _set_header(msg, "Reply-To", event.reply_to)
+    _set_header(msg, "Subject", f"{instance.subject_prefix}{event.subject}")
+    msg["Date"] = format_datetime(utc_now())
+    msg["Message-ID"] = message_id
+    msg["X-MailSender-Event-Id"] = event.event_id
+
+    if event.is_html:
+        msg.set_content(html_to_text(event.message), subtype="plain", cte=None)
+        msg.add_alternative(event.message, subtype="html")
+    else:
+        msg.set_content(event.message or "\n")
+
+    budget = limit
+    for attachment in event.attachments:
+        filename, data = _attachment_bytes(attachment, attachment_root, budget)
+        budget -= len(data)
+        if budget < 0:
+            raise PermanentError(f"the attachments exceed the message limit of {limit} bytes")
+        content_type = (
+            attachment.content_type
+            or mimetypes.guess_type(filename)[0]
+            or "application/octet-stream"
+        )
+        maintype, subtype = content_type.split("/", 1)
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        _check_filename(msg, filename)
+
+    needs_utf8 = any(not a.addr_spec.isascii() for a in [sender, *to, *cc, *bcc])
+    data = msg.as_bytes(policy=SMTPUTF8 if needs_utf8 else SMTP)
+    if len(data) > limit:
+        raise PermanentError(f"the message is {len(data)} bytes, over the limit of {limit} bytes")
+    return BuiltMessage(
+        sender=sender.addr_spec,
+        recipients=envelope,
+        data=data,
+        message_id=message_id,
+        needs_smtputf8=needs_utf8,
+    )
+
+
+def _check_filename(msg: EmailMessage, filename: str) -> None:
+    """The attachment's file name must come back from the built part unchanged."""
+    part = list(msg.iter_attachments())[-1]
+    if part.get_filename() != filename:
+        raise PermanentError(f"attachment file name {filename!r} cannot be encoded safely")

@@ -1,0 +1,274 @@
+"""Redis state of the worker fleet, in the result backend's Redis.
+
+Keys (all under ``mailsender:``):
+
+- ``event:<id>`` hash — the idempotency record: ``attempts``, the raw ``event`` (for retries
+  and replay), the ``queue`` it came from, recipients ``accepted`` and ``refused`` so far, the
+  final ``transaction`` and whether it was ``finalized`` (stream entry + instance event done).
+  Expires ``idempotency_ttl_s`` after the last attempt.
+- ``lock:<id>`` — held while one worker talks SMTP for the event.
+- ``retries`` sorted set — event ids waiting for their next attempt, scored by due time (ms).
+  Retries wait here, not as unacked ETA messages, so a long back-off can never be handed out
+  twice by the broker's visibility timeout.
+- ``deadletters`` hash + ``deadletters:index`` sorted set — failed events for inspection and
+  replay, bounded.
+- ``transactions`` stream — the transaction log (contract §4).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from producer import names
+from producer.models import Transaction
+
+P = names.KEY_PREFIX
+RETRIES_KEY = f"{P}retries"
+DEAD_KEY = f"{P}deadletters"
+DEAD_INDEX_KEY = f"{P}deadletters:index"
+
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
+return due
+"""
+_UNCLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries lost connections on its own (about 10 s in all)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 12),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+    )
+
+
+def event_key(event_id: str) -> str:
+    """The idempotency record's key."""
+    return f"{P}event:{event_id}"
+
+
+def lock_key(event_id: str) -> str:
+    """The send lock's key."""
+    return f"{P}lock:{event_id}"
+
+
+@dataclass
+class EventRecord:
+    """What the fleet knows about one event id."""
+
+    attempts: int = 0
+    event: Any = None
+    queue: str = names.DEFAULT_QUEUE
+    accepted: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    transaction: Transaction | None = None
+    finalized: bool = False
+
+
+@dataclass(frozen=True)
+class DueRetry:
+    """A retry taken from the schedule, to publish and then confirm."""
+
+    event_id: str
+    claim_ms: int
+    event: Any
+    queue: str
+
+
+class Store:
+    """The Redis side of delivery: idempotency, locks, retries, log and dead letters."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_s: float,
+        transactions_max: int,
+        dead_letter_max: int,
+    ) -> None:
+        self.r = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self.transactions_max = transactions_max
+        self.dead_letter_max = dead_letter_max
+        self._claim = self.r.register_script(_CLAIM)
+        self._unclaim = self.r.register_script(_UNCLAIM)
+        self._release = self.r.register_script(_RELEASE)
+
+    # -- idempotency record ----------------------------------------------------------------
+
+    def begin(self, event_id: str, raw_event: Any, queue: str) -> EventRecord:
+        """Count this run as an attempt and return the record, in one round trip."""
+        key = event_key(event_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(key, "attempts", 1)
+        pipe.hsetnx(key, "event", json.dumps(raw_event))
+        pipe.hsetnx(key, "queue", queue)
+        pipe.pexpire(key, self.ttl_ms)
+        pipe.hgetall(key)
+        values = pipe.execute()
+        return self._record(cast(dict[str, str], values[-1]))
+
+    def get(self, event_id: str) -> EventRecord | None:
+        """The record of ``event_id``, or None."""
+        data = cast(dict[str, str], self.r.hgetall(event_key(event_id)))
+        return self._record(data) if data else None
+
+    @staticmethod
+    def _record(data: dict[str, str]) -> EventRecord:
+        tx = data.get("transaction")
+        return EventRecord(
+            attempts=int(data.get("attempts", 0)),
+            event=json.loads(data["event"]) if "event" in data else None,
+            queue=data.get("queue", names.DEFAULT_QUEUE),
+            accepted=json.loads(data.get("accepted", "[]")),
+            refused=json.loads(data.get("refused", "{}")),
+            transaction=Transaction.model_validate_json(tx) if tx else None,
+            finalized=data.get("finalized") == "1",
+        )
+
+    def record_progress(
+        self, event_id: str, accepted: list[str], refused: dict[str, str]
+    ) -> None:
+        """Remember which recipients the server accepted or refused for good."""
+        self.r.hset(
+            event_key(event_id),
+            mapping={"accepted": json.dumps(accepted), "refused": json.dumps(refused)},
+        )
+
+    def record_final(self, transaction: Transaction) -> None:
+        """Remember the final transaction: from now on the event is never sent again."""
+        key = event_key(transaction.event_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, "transaction", transaction.model_dump_json(by_alias=True))
+        pipe.pexpire(key, self.ttl_ms)
+        pipe.execute()
+
+    def log_outcome(self, transaction: Transaction, raw_event: Any) -> None:
+        """Stream entry, dead letter (for failures) and the ``finalized`` mark, atomically."""
+        tx_json = transaction.model_dump_json(by_alias=True)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(
+            names.TRANSACTIONS_STREAM,
+            {"transaction": tx_json},
+            maxlen=self.transactions_max,
+            approximate=True,
+        )
+        if not transaction.success:
+            letter = {
+                "eventId": transaction.event_id,
+                "instance": transaction.instance,
+                "reason": transaction.message,
+                "attempts": transaction.attempts,
+                "failedAt": transaction.timestamp.isoformat(),
+                "event": raw_event,
+                "transaction": json.loads(tx_json),
+            }
+            pipe.hset(DEAD_KEY, transaction.event_id, json.dumps(letter))
+            pipe.zadd(DEAD_INDEX_KEY, {transaction.event_id: time.time()})
+        pipe.hset(event_key(transaction.event_id), "finalized", "1")
+        pipe.execute()
+        if not transaction.success:
+            self._trim_dead_letters()
+
+    def _trim_dead_letters(self) -> None:
+        excess = cast(int, self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
+        if excess > 0:
+            oldest = cast(list[str], self.r.zrange(DEAD_INDEX_KEY, 0, excess - 1))
+            if oldest:
+                pipe = self.r.pipeline(transaction=True)
+                pipe.hdel(DEAD_KEY, *oldest)
+                pipe.zrem(DEAD_INDEX_KEY, *oldest)
+                pipe.execute()
+
+    # -- the send lock ---------------------------------------------------------------------
+
+    def acquire(self, event_id: str, lease_s: float) -> str | None:
+        """Take the send lock for ``lease_s`` seconds; None when another worker holds it."""
+        token = uuid.uuid4().hex
+        ok = self.r.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
+        return token if ok else None
+
+    def release(self, event_id: str, token: str) -> None:
+        """Give the lock back if it is still ours."""
+        self._release(keys=[lock_key(event_id)], args=[token])
+
+    # -- retries -----------------------------------------------------------------------------
+
+    def schedule_retry(self, event_id: str, due_s: float) -> None:
+        """Let ``event_id`` wait until ``due_s`` (epoch seconds) for its next attempt."""
+        self.r.zadd(RETRIES_KEY, {event_id: int(due_s * 1000)})
+
+    def claim_due(self, lease_s: float, limit: int = 100) -> list[DueRetry]:
+        """Take due retries for publishing; each stays claimed ``lease_s`` until confirmed."""
+        now_ms = int(time.time() * 1000)
+        claim_ms = now_ms + int(lease_s * 1000)
+        ids = cast(list[str], self._claim(keys=[RETRIES_KEY], args=[now_ms, claim_ms, limit]))
+        due: list[DueRetry] = []
+        for event_id in ids:
+            record = self.get(event_id)
+            if record is None or record.event is None:
+                self.r.zrem(RETRIES_KEY, event_id)  # expired record: nothing left to send
+                continue
+            due.append(DueRetry(event_id, claim_ms, record.event, record.queue))
+        return due
+
+    def confirm_published(self, retry: DueRetry) -> None:
+        """Drop a published retry, unless it was scheduled again meanwhile."""
+        self._unclaim(keys=[RETRIES_KEY], args=[retry.event_id, retry.claim_ms])
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest dead letters first."""
+        ids = cast(list[str], self.r.zrevrange(DEAD_INDEX_KEY, 0, limit - 1))
+        if not ids:
+            return []
+        values = cast(list[str | None], self.r.hmget(DEAD_KEY, ids))
+        return [json.loads(v) for v in values if v]
+
+    def take_for_replay(self, event_id: str) -> dict[str, Any] | None:
+        """Remove a dead letter and reset its record so that it can be sent again."""
+        value = cast(str | None, self.r.hget(DEAD_KEY, event_id))
+        if value is None:
+            return None
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hdel(DEAD_KEY, event_id)
+        pipe.zrem(DEAD_INDEX_KEY, event_id)
+        pipe.delete(event_key(event_id))
+        pipe.execute()
+        return cast(dict[str, Any], json.loads(value))
+
+    def transactions(self, count: int = 2000) -> list[Transaction]:
+        """The newest transactions of the log first."""
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            self.r.xrevrange(names.TRANSACTIONS_STREAM, count=count),
+        )
+        out: list[Transaction] = []
+        for _id, fields in entries:
+            raw = fields.get("transaction")
+            if raw:
+                out.append(Transaction.model_validate_json(raw))
+        return out
