@@ -96,18 +96,23 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
                 self._stop.wait(INFRA_BACKOFF_S)
 
 
+def enqueue_raw(app: Celery, raw: Any, event_id: str, queue: str) -> None:
+    """Enqueue a raw event again under its own id (retries and replay), redacted for Flower."""
+    app.send_task(
+        names.TASK_NAME,
+        kwargs={"event": raw},
+        task_id=event_id,
+        queue=queue,
+        kwargsrepr=_redacted_summary(raw, event_id),
+        argsrepr="()",
+    )
+
+
 def pump_once(app: Celery, store: Store) -> int:
     """Publish every due retry once; returns how many were published."""
     published = 0
     for due in store.claim_due(RETRY_CLAIM_LEASE_S):
-        app.send_task(
-            names.TASK_NAME,
-            kwargs={"event": due.event},
-            task_id=due.event_id,
-            queue=due.queue,
-            kwargsrepr=_redacted_summary(due.event, due.event_id),
-            argsrepr="()",
-        )
+        enqueue_raw(app, due.event, due.event_id, due.queue)
         store.confirm_published(due)
         published += 1
     return published
@@ -171,6 +176,11 @@ def create_app(config: Config) -> Celery:
             log.warning("event %s: infrastructure unavailable (%s); requeued", request.id, exc)
             time.sleep(INFRA_BACKOFF_S)
             raise Reject(str(exc), requeue=True) from exc
+        except Exception as exc:  # a bug must not lose the event: fail it, keep it for replay
+            log.exception("event %s: unexpected error", request.id)
+            outcome = runtime().deliverer.fail_internal(
+                raw, request.id, f"internal error: {type(exc).__name__}: {exc}"
+            )
         if isinstance(outcome, Final):
             tx = outcome.transaction
             if tx.success:

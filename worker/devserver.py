@@ -226,7 +226,8 @@ class DevSmtpServer:
         """Configure the server; nothing listens until :meth:`start`.
 
         Args:
-            host: Address to bind.
+            host: Address to bind; use an IP literal (with ``port=0`` a name such
+                as ``localhost`` may bind ::1 and 127.0.0.1 on different ports).
             port: Port to bind; 0 lets the OS pick a free one (see :attr:`port`).
             outbox: Directory receiving ``.eml`` + ``.json`` files (created if missing).
             tls: Certificate material for STARTTLS, or None for plain SMTP only.

@@ -147,6 +147,14 @@ class Deliverer:
         finally:
             self.store.release(event_id, token)
 
+    def fail_internal(self, raw: Any, task_id: str, reason: str) -> Outcome:
+        """Final failure for an event that hit an unexpected error (kept as a dead letter)."""
+        event_id = _event_id_of(raw, task_id)
+        record = self.store.get(event_id) or EventRecord(attempts=1)
+        if record.transaction is not None:
+            return self._finish(record.transaction, record.event, already=record.finalized)
+        return self._fail(event_id, _instance_name_of(raw), reason, record, raw)
+
     def _attempt(
         self,
         event_id: str,

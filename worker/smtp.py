@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+LOCAL_HOSTNAME = socket.gethostname() or "localhost"
+"""EHLO name; ``socket.getfqdn()`` (smtplib's default) can stall on DNS."""
+
 
 class StaleSession(TransientError):
     """A reused session was closed by the server before MAIL FROM: safe to reopen at once."""
@@ -100,14 +103,14 @@ class SmtpConnection:
         self.close()
         inst = self.instance
         with self._mapped("connect"):
-            smtp = smtplib.SMTP(timeout=inst.timeout_s)
             try:
-                code, banner = smtp.connect(inst.mail_server, inst.port)
+                smtp = smtplib.SMTP(
+                    inst.mail_server, inst.port, local_hostname=LOCAL_HOSTNAME,
+                    timeout=inst.timeout_s,
+                )
             except smtplib.SMTPConnectError as exc:
-                smtp.close()
                 raise self._reply_error("connect", exc.smtp_code, exc.smtp_error) from None
             self._smtp = smtp
-            self.banner = format_reply(code, banner)
             self._ehlo(smtp)
             if inst.use_ssl:
                 if not smtp.has_extn("starttls"):
@@ -198,7 +201,7 @@ class SmtpConnection:
         smtp = self._require()
         size = smtp.esmtp_features.get("size", "")
         return ServerInfo(
-            banner=getattr(self, "banner", ""),
+            banner=format_reply(0, smtp.ehlo_resp or b"").split(" ")[0],
             tls=self.tls_active,
             auth_mechanisms=(smtp.esmtp_features.get("auth") or "").split(),
             size_limit=int(size) if size.isdigit() and int(size) > 0 else None,

@@ -162,8 +162,12 @@ class _Connection(SMTP):
         self._auth_required = auth_required
         # Swap aiosmtpd's StreamReader for one that logs command lines.
         tap = _TapReader(self._on_line, limit=self.line_length_limit, loop=self.loop)
+        # (asyncio.StreamReaderProtocol internals of CPython 3.11/3.12.)
         self._stream_reader_wr = weakref.ref(tap)
         self._strong_reader = tap
+        assert getattr(self, "_stream_reader", None) is tap, (
+            "asyncio internals changed: command log broken"
+        )
 
     # -- state ---------------------------------------------------------------
 
@@ -435,7 +439,8 @@ class TestSmtpServer:
             size_limit: Advertise ``SIZE n`` and enforce it (``552``); None = no limit
                 and no SIZE extension.
             smtputf8: Advertise and accept SMTPUTF8.
-            host: Address to bind.
+            host: Address to bind; use an IP literal (with ``port=0`` a name such
+                as ``localhost`` may bind ::1 and 127.0.0.1 on different ports).
             port: Port to bind; 0 = a free port chosen by the OS.
             server_hostname: Name used in the greeting and EHLO reply.
         """
