@@ -539,6 +539,23 @@ class TestSmtpServer:
         controller.loop.call_soon_threadsafe(drop_all)
         controller.stop()
 
+    def drop_connections(self) -> None:
+        """Abort every open client connection (clients must reconnect), keep listening."""
+        controller = self._controller
+        if controller is None:
+            return
+        done = threading.Event()
+
+        def drop_all() -> None:
+            with self._lock:
+                live = list(self._live)
+            for session in live:
+                session.drop()
+            done.set()
+
+        controller.loop.call_soon_threadsafe(drop_all)
+        done.wait(5)
+
     def __enter__(self) -> Self:
         """Start the server and return it."""
         self.start()
