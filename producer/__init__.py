@@ -1,8 +1,8 @@
 """MailSender's producer: the contract's models and the client that enqueues mail events.
 
-    >>> from producer import MailProducer, MailEvent
-    >>> receipt = MailProducer().send(MailEvent(instance="Alerts", subject="Hi", message="..."))
-    >>> transaction = receipt.wait(timeout_s=30)
+>>> from producer import MailProducer, MailEvent
+>>> receipt = MailProducer().send(MailEvent(instance="Alerts", subject="Hi", message="..."))
+>>> transaction = receipt.wait(timeout_s=30)
 """
 
 from producer.client import MailProducer, Receipt

@@ -86,15 +86,15 @@ def parse_address_list(value: str) -> list[Address]:
         header = default_policy.header_factory("To", value)
     except Exception as exc:  # the stdlib parser raises IndexError & co. on some garbage
         raise ValueError(f"{value.strip()!r} is not a valid address list") from exc
-    addresses: list[Address] = list(header.addresses)  # type: ignore[attr-defined]
+    addresses: list[Address] = list(header.addresses)
     problems = [
-        str(d)
-        for d in header.defects  # type: ignore[attr-defined]
-        if "no content" not in str(d) and "non-ASCII" not in str(d)
+        str(d) for d in header.defects if "no content" not in str(d) and "non-ASCII" not in str(d)
     ]
     for address in addresses:
         if not address.username or not address.domain or " " in address.addr_spec:
-            raise ValueError(f"{address.addr_spec or value.strip()!r} is not a valid e-mail address")
+            raise ValueError(
+                f"{address.addr_spec or value.strip()!r} is not a valid e-mail address"
+            )
     if problems:
         raise ValueError(f"{value.strip()!r} is not a valid address list ({problems[0]})")
     return addresses

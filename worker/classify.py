@@ -63,7 +63,7 @@ def backoff_s(
     """
     exponent = min(max(attempt - 1, 0), 32)
     delay = min(max_s, first_s * (2**exponent))
-    return delay / 2 + rand() * delay / 2
+    return float(delay / 2 + rand() * delay / 2)
 
 
 def format_reply(code: int, text: bytes | str) -> str:

@@ -78,9 +78,7 @@ def urls() -> tuple[str, str]:
     broker = os.environ.get(names.ENV_BROKER_URL) or (
         config.broker_url if config else names.DEFAULT_BROKER_URL
     )
-    backend = os.environ.get(names.ENV_RESULT_BACKEND) or (
-        config.backend_url if config else broker
-    )
+    backend = os.environ.get(names.ENV_RESULT_BACKEND) or (config.backend_url if config else broker)
     return broker, backend
 
 
@@ -122,16 +120,31 @@ def _print_transaction(tx: Transaction) -> None:
 @click.option("--cc", default="", help="Cc, comma-separated.")
 @click.option("--bcc", default="", help="Bcc, comma-separated.")
 @click.option("--reply-to", default=None, help="Reply-To address.")
-@click.option("--attach", "attach", multiple=True, type=click.Path(dir_okay=False),
-              help="A local file, sent inline (repeatable).")
+@click.option(
+    "--attach",
+    "attach",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A local file, sent inline (repeatable).",
+)
 @click.option("--event-id", default=None, help="Idempotency key (generated when absent).")
 @click.option("--wait", is_flag=True, help="Wait for the transaction; exit 1 if it failed.")
-@click.option("--timeout", "timeout_s", default=60.0, show_default=True,
-              help="Seconds to wait with --wait.")
+@click.option(
+    "--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait with --wait."
+)
 def send(
-    instance: str, subject: str, message: str, is_html: bool, recipients: str, cc: str,
-    bcc: str, reply_to: str | None, attach: tuple[str, ...], event_id: str | None,
-    wait: bool, timeout_s: float,
+    instance: str,
+    subject: str,
+    message: str,
+    is_html: bool,
+    recipients: str,
+    cc: str,
+    bcc: str,
+    reply_to: str | None,
+    attach: tuple[str, ...],
+    event_id: str | None,
+    wait: bool,
+    timeout_s: float,
 ) -> None:
     """Enqueue one mail event; print its id."""
     with friendly_errors():
@@ -143,8 +156,14 @@ def send(
                 fail(f"cannot read attachment {path!r}: {exc.strerror}")
             attachments.append(Attachment.inline(Path(path).name, data))
         fields: dict[str, Any] = {
-            "instance": instance, "subject": subject, "message": message, "is_html": is_html,
-            "recipients": recipients, "cc": cc, "bcc": bcc, "reply_to": reply_to,
+            "instance": instance,
+            "subject": subject,
+            "message": message,
+            "is_html": is_html,
+            "recipients": recipients,
+            "cc": cc,
+            "bcc": bcc,
+            "reply_to": reply_to,
             "attachments": attachments,
         }
         if event_id:
@@ -253,7 +272,10 @@ def render_overview(txs: list[Transaction], limit: int) -> None:
         for tx in items:
             mark = "[green]ok[/green]" if tx.success else "[red]FAILED[/red]"
             table.add_row(
-                f"{tx.timestamp:%Y-%m-%d %H:%M:%S}", mark, tx.event_id, str(tx.attempts),
+                f"{tx.timestamp:%Y-%m-%d %H:%M:%S}",
+                mark,
+                tx.event_id,
+                str(tx.attempts),
                 tx.message,
             )
         out.print(table)
@@ -288,10 +310,14 @@ def check() -> None:
             continue
         finally:
             conn.close()
-        result = "[green]ok[/green]" + (f", AUTH as {info.authenticated_as}"
-                                        if info.authenticated_as else "")
+        result = "[green]ok[/green]" + (
+            f", AUTH as {info.authenticated_as}" if info.authenticated_as else ""
+        )
         table.add_row(
-            name, server, result, "yes" if info.tls else "no",
+            name,
+            server,
+            result,
+            "yes" if info.tls else "no",
             " ".join(info.auth_mechanisms) or "-",
             str(info.size_limit) if info.size_limit else "-",
             "yes" if info.smtputf8 else "no",

@@ -130,7 +130,10 @@ def _expand(value: Any, env: Mapping[str, str], where: str, errors: list[str]) -
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _expand(v, env, f"{where}.{k}" if where else str(k), errors) for k, v in value.items()}
+        return {
+            k: _expand(v, env, f"{where}.{k}" if where else str(k), errors)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_expand(v, env, where, errors) for v in value]
     return value
@@ -178,7 +181,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         if not isinstance(params, dict):
             errors.append(f"{prefix}must be a mapping of parameters")
             continue
-        expanded = _expand(params, env, "", var_errors := [])
+        var_errors: list[str] = []
+        expanded = _expand(params, env, "", var_errors)
         errors.extend(prefix + e for e in var_errors)
         try:
             instances[name] = InstanceConfig.model_validate(expanded)
@@ -205,7 +209,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             [f"configuration file {str(path)!r} not found (set {ENV_CONFIG} to its path)"]
         ) from None
     except OSError as exc:
-        raise ConfigError([f"configuration file {str(path)!r} cannot be read: {exc.strerror}"]) from None
+        raise ConfigError(
+            [f"configuration file {str(path)!r} cannot be read: {exc.strerror}"]
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

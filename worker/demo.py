@@ -36,8 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import Attachment, MailEvent, MailProducer, Transaction
-from producer import names
+from producer import Attachment, MailEvent, MailProducer, Transaction, names
 from worker.devserver import DevSmtpServer, make_tls_material, quiet_aiosmtpd_log
 from worker.outcomes import EVENTS_QUEUE
 
@@ -79,7 +78,9 @@ def redis_url(workdir: Path) -> Iterator[str]:
     env_url = os.environ.get(names.ENV_BROKER_URL)
     if env_url:
         if not _redis_answers(env_url):
-            raise SystemExit(f"mailsender: the broker at {env_url} ({names.ENV_BROKER_URL}) does not answer")
+            raise SystemExit(
+                f"mailsender: the broker at {env_url} ({names.ENV_BROKER_URL}) does not answer"
+            )
         yield env_url
         return
     shared = f"redis://127.0.0.1:6379/{DEMO_DB}"
@@ -95,9 +96,21 @@ def redis_url(workdir: Path) -> Iterator[str]:
         )
     port = _free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -125,58 +138,124 @@ def demo_events(count: int, root: Path) -> list[Expected]:
 
     plans: list[Expected] = []
 
-    def add(success: bool = True, rcpts: set[str] | None = None,
-            attachments: dict[str, str] | None = None, **fields: Any) -> None:
+    def add(
+        success: bool = True,
+        rcpts: set[str] | None = None,
+        attachments: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> None:
         event = MailEvent(**fields)
-        plans.append(Expected(
-            event, "Demo - " + event.subject, rcpts or {"ops@demo.example"}, success,
-            attachments or {}, event.is_html,
-        ))
+        plans.append(
+            Expected(
+                event,
+                "Demo - " + event.subject,
+                rcpts or {"ops@demo.example"},
+                success,
+                attachments or {},
+                event.is_html,
+            )
+        )
 
-    add(instance="Demo", subject="Plain text to the default recipients",
-        message="Hello from MailSender.\nSecond line.\n.\nA line with only a dot above.")
-    add(instance="Demo", subject="HTML with a plain-text alternative", is_html=True,
+    add(
+        instance="Demo",
+        subject="Plain text to the default recipients",
+        message="Hello from MailSender.\nSecond line.\n.\nA line with only a dot above.",
+    )
+    add(
+        instance="Demo",
+        subject="HTML with a plain-text alternative",
+        is_html=True,
         message="<h1>Weekly report</h1><p>All <b>green</b>. <a href='https://example.com'>"
-                "Details</a></p><ul><li>one</li><li>two</li></ul>")
-    add(instance="Demo", subject="Grüße aus Zürich – 日本語の件名 ✓",
-        message="Nicht-ASCII im Betreff und im Text: äöü ß €.")
-    add(instance="Demo", subject="Display names", message="To two people with names.",
+        "Details</a></p><ul><li>one</li><li>two</li></ul>",
+    )
+    add(
+        instance="Demo",
+        subject="Grüße aus Zürich \u2013 日本語の件名 ✓",
+        message="Nicht-ASCII im Betreff und im Text: äöü ß €.",
+    )
+    add(
+        instance="Demo",
+        subject="Display names",
+        message="To two people with names.",
         recipients='"Doe, Jane" <jane@demo.example>, Jürgen Müller <juergen@demo.example>',
-        rcpts={"jane@demo.example", "juergen@demo.example"})
-    add(instance="Demo", subject="Cc and Bcc", message="Bcc must not show.",
-        recipients="alice@demo.example", cc="bob@demo.example", bcc="audit@demo.example",
+        rcpts={"jane@demo.example", "juergen@demo.example"},
+    )
+    add(
+        instance="Demo",
+        subject="Cc and Bcc",
+        message="Bcc must not show.",
+        recipients="alice@demo.example",
+        cc="bob@demo.example",
+        bcc="audit@demo.example",
         reply_to="Helpdesk <help@demo.example>",
-        rcpts={"alice@demo.example", "bob@demo.example", "audit@demo.example"})
-    plans.append(Expected(
-        MailEvent(instance="Demo", subject="Binary and Latin-1 attachments",
-                  message="See attached.",
-                  attachments=[Attachment.inline("all-bytes.bin", blob),
-                               Attachment.inline("latin1.txt", latin, "text/plain"),
-                               Attachment.inline("Bericht März.pdf", b"%PDF-1.4 demo")]),
-        "Demo - Binary and Latin-1 attachments", {"ops@demo.example"}, True,
-        {"all-bytes.bin": sha(blob), "latin1.txt": sha(latin),
-         "Bericht März.pdf": sha(b"%PDF-1.4 demo")},
-    ))
-    plans.append(Expected(
-        MailEvent(instance="Demo", subject="A file from the attachment root",
-                  message="Read by the worker at send time.",
-                  attachments=[Attachment(path="report.csv")]),
-        "Demo - A file from the attachment root", {"ops@demo.example"}, True,
-        {"report.csv": sha(report.read_bytes())},
-    ))
-    add(instance="Demo", subject="One recipient refused, one accepted",
-        message="Partial success.", recipients=f"carol@demo.example, {REFUSED}",
-        rcpts={"carol@demo.example"})
-    plans.append(Expected(
-        MailEvent(instance="Demo", subject="Only a refused recipient",
-                  message="This one fails.", recipients=REFUSED),
-        "Demo - Only a refused recipient", set(), success=False,
-    ))
+        rcpts={"alice@demo.example", "bob@demo.example", "audit@demo.example"},
+    )
+    plans.append(
+        Expected(
+            MailEvent(
+                instance="Demo",
+                subject="Binary and Latin-1 attachments",
+                message="See attached.",
+                attachments=[
+                    Attachment.inline("all-bytes.bin", blob),
+                    Attachment.inline("latin1.txt", latin, "text/plain"),
+                    Attachment.inline("Bericht März.pdf", b"%PDF-1.4 demo"),
+                ],
+            ),
+            "Demo - Binary and Latin-1 attachments",
+            {"ops@demo.example"},
+            True,
+            {
+                "all-bytes.bin": sha(blob),
+                "latin1.txt": sha(latin),
+                "Bericht März.pdf": sha(b"%PDF-1.4 demo"),
+            },
+        )
+    )
+    plans.append(
+        Expected(
+            MailEvent(
+                instance="Demo",
+                subject="A file from the attachment root",
+                message="Read by the worker at send time.",
+                attachments=[Attachment(path="report.csv")],
+            ),
+            "Demo - A file from the attachment root",
+            {"ops@demo.example"},
+            True,
+            {"report.csv": sha(report.read_bytes())},
+        )
+    )
+    add(
+        instance="Demo",
+        subject="One recipient refused, one accepted",
+        message="Partial success.",
+        recipients=f"carol@demo.example, {REFUSED}",
+        rcpts={"carol@demo.example"},
+    )
+    plans.append(
+        Expected(
+            MailEvent(
+                instance="Demo",
+                subject="Only a refused recipient",
+                message="This one fails.",
+                recipients=REFUSED,
+            ),
+            "Demo - Only a refused recipient",
+            set(),
+            success=False,
+        )
+    )
     n = 0
     while len(plans) < count:
         n += 1
-        add(instance="Demo", subject=f"Batch mail {n}", message=f"Mail number {n}.",
-            recipients=f"user{n}@demo.example", rcpts={f"user{n}@demo.example"})
+        add(
+            instance="Demo",
+            subject=f"Batch mail {n}",
+            message=f"Mail number {n}.",
+            recipients=f"user{n}@demo.example",
+            rcpts={f"user{n}@demo.example"},
+        )
     return plans
 
 
@@ -191,10 +270,17 @@ def collect_events(url: str, ids: set[str], timeout_s: float) -> dict[str, dict[
     """Take instance events until every id has one; shows a progress bar."""
     seen: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout_s
-    with Connection(url) as conn, Progress(
-        TextColumn("[bold]events"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console,
-    ) as progress:
+    with (
+        Connection(url) as conn,
+        Progress(
+            TextColumn("[bold]events"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[last]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
         task = progress.add_task("events", total=len(ids), last="")
         queue = EVENTS_QUEUE(conn.default_channel)
         while len(seen) < len(ids) and time.monotonic() < deadline:
@@ -232,7 +318,9 @@ def check_outbox(outbox: Path, plans: list[Expected]) -> list[str]:
         if str(msg["Subject"]) != plan.subject:
             problems.append(f"{label}: subject arrived as {str(msg['Subject'])!r}")
         if set(meta["rcpt_tos"]) != plan.rcpts:
-            problems.append(f"{label}: RCPT TO {sorted(meta['rcpt_tos'])}, expected {sorted(plan.rcpts)}")
+            problems.append(
+                f"{label}: RCPT TO {sorted(meta['rcpt_tos'])}, expected {sorted(plan.rcpts)}"
+            )
         if msg["Bcc"] is not None:
             problems.append(f"{label}: a Bcc header was sent")
         if not meta.get("tls") or meta.get("auth_user") != "demo":
@@ -242,13 +330,17 @@ def check_outbox(outbox: Path, plans: list[Expected]) -> list[str]:
         if plan.html and msg.get_body(("plain",)) is None:
             problems.append(f"{label}: no plain-text alternative")
         got_files = {
-            str(part.get_filename()): hashlib.sha256(
-                part.get_payload(decode=True) or b"").hexdigest()  # type: ignore[arg-type]
+            str(part.get_filename()): hashlib.sha256(_payload(part)).hexdigest()
             for part in msg.iter_attachments()
         }
         if got_files != plan.attachments:
             problems.append(f"{label}: attachments differ: {sorted(got_files)}")
     return problems
+
+
+def _payload(part: object) -> bytes:
+    payload = part.get_payload(decode=True) if isinstance(part, EmailMessage) else None
+    return payload if isinstance(payload, bytes) else b""
 
 
 def transactions_table(txs: list[Transaction]) -> Table:
@@ -259,8 +351,11 @@ def transactions_table(txs: list[Transaction]) -> Table:
     for tx in txs:
         table.add_row(
             "[green]Done[/green]" if tx.success else "[red]Failed[/red]",
-            tx.event_id[:8], tx.message, ", ".join(tx.recipients),
-            ", ".join(tx.refused), str(tx.attempts),
+            tx.event_id[:8],
+            tx.message,
+            ", ".join(tx.recipients),
+            ", ".join(tx.refused),
+            str(tx.attempts),
         )
     return table
 
@@ -277,36 +372,65 @@ def run_demo(count: int = 20, outbox: Path = Path("demo-outbox")) -> int:
         root.mkdir()
         tls = make_tls_material(work)
         password = secrets.token_urlsafe(12)
-        with redis_url(work) as url, DevSmtpServer(
-            outbox=outbox, tls=tls, users={"demo": password}, refuse=[REFUSED]
-        ) as smtpd:
-            console.print(f"SMTP: embedded server on 127.0.0.1:{smtpd.port} "
-                          f"(STARTTLS, AUTH), mails go to {outbox}/")
+        with (
+            redis_url(work) as url,
+            DevSmtpServer(
+                outbox=outbox, tls=tls, users={"demo": password}, refuse=[REFUSED]
+            ) as smtpd,
+        ):
+            console.print(
+                f"SMTP: embedded server on 127.0.0.1:{smtpd.port} "
+                f"(STARTTLS, AUTH), mails go to {outbox}/"
+            )
             config = {
                 "broker_url": url,
-                "instances": {"Demo": {
-                    "mailServer": "localhost", "port": smtpd.port, "useSsl": True,
-                    "caFile": str(tls.ca_pem_path), "userName": "demo",
-                    "password": "${DEMO_SMTP_PASSWORD}", "sender": "MailSender Demo <demo@demo.example>",
-                    "recipients": "Ops <ops@demo.example>", "subjectPrefix": "Demo - ",
-                    "endpoint": "demo-outbox", "interface": "Demo",
-                    "retryDelayS": 0.5, "maxRetries": 3,
-                }},
+                "instances": {
+                    "Demo": {
+                        "mailServer": "localhost",
+                        "port": smtpd.port,
+                        "useSsl": True,
+                        "caFile": str(tls.ca_pem_path),
+                        "userName": "demo",
+                        "password": "${DEMO_SMTP_PASSWORD}",
+                        "sender": "MailSender Demo <demo@demo.example>",
+                        "recipients": "Ops <ops@demo.example>",
+                        "subjectPrefix": "Demo - ",
+                        "endpoint": "demo-outbox",
+                        "interface": "Demo",
+                        "retryDelayS": 0.5,
+                        "maxRetries": 3,
+                    }
+                },
             }
             config_path = work / "mailsender.yaml"
             config_path.write_text(yaml.safe_dump(config))
-            env = {**os.environ, "MAILSENDER_CONFIG": str(config_path),
-                   "DEMO_SMTP_PASSWORD": password, "MAILSENDER_ATTACHMENT_ROOT": str(root),
-                   names.ENV_BROKER_URL: url}
+            env = {
+                **os.environ,
+                "MAILSENDER_CONFIG": str(config_path),
+                "DEMO_SMTP_PASSWORD": password,
+                "MAILSENDER_ATTACHMENT_ROOT": str(root),
+                names.ENV_BROKER_URL: url,
+            }
             env.pop(names.ENV_RESULT_BACKEND, None)
             _drain_events(url)
             log_path = work / "worker.log"
             with open(log_path, "wb") as log_file:
                 worker = subprocess.Popen(
-                    [sys.executable, "-m", "worker.cli", "worker", "--concurrency", "2",
-                     "--hostname", f"demo-{os.getpid()}@%h", "--without-mingle",
-                     "--without-gossip"],
-                    env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                    [
+                        sys.executable,
+                        "-m",
+                        "worker.cli",
+                        "worker",
+                        "--concurrency",
+                        "2",
+                        "--hostname",
+                        f"demo-{os.getpid()}@%h",
+                        "--without-mingle",
+                        "--without-gossip",
+                    ],
+                    env=env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
                 )
                 console.print(f"Worker: process {worker.pid} (prefork, 2 processes)")
                 try:
@@ -320,8 +444,9 @@ def run_demo(count: int = 20, outbox: Path = Path("demo-outbox")) -> int:
                         worker.wait()
 
 
-def _exercise(url: str, count: int, root: Path, outbox: Path,
-              worker: subprocess.Popen[bytes], log_path: Path) -> int:
+def _exercise(
+    url: str, count: int, root: Path, outbox: Path, worker: subprocess.Popen[bytes], log_path: Path
+) -> int:
     plans = demo_events(count, root)
     with MailProducer(url, url) as producer:
         receipts = producer.send_many([p.event for p in plans])
@@ -351,6 +476,8 @@ def _exercise(url: str, count: int, root: Path, outbox: Path,
         console.print(f"[red]demo failed[/red]: {len(problems)} problem(s); worker log: {log_path}")
         return 1
     done = sum(t.success for t in txs)
-    console.print(f"[green]✓[/green] {done} Done, {len(txs) - done} Failed as planned; "
-                  f"{mails} mails in {outbox}/ match what was sent.")
+    console.print(
+        f"[green]✓[/green] {done} Done, {len(txs) - done} Failed as planned; "
+        f"{mails} mails in {outbox}/ match what was sent."
+    )
     return 0

@@ -57,8 +57,11 @@ class _TextExtractor(HTMLParser):
     """HTML → readable plain text: block elements become line breaks, links keep their URL."""
 
     _BLOCK = frozenset(
-        "p div br tr li h1 h2 h3 h4 h5 h6 table ul ol blockquote pre hr section article".split()
-    )
+        {
+            "p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6",
+            "table", "ul", "ol", "blockquote", "pre", "hr", "section", "article",
+        }
+    )  # fmt: skip
     _SKIP = frozenset({"script", "style", "head", "title"})
 
     def __init__(self) -> None:
@@ -125,9 +128,7 @@ def resolve_attachment_path(path: str, root: Path | None) -> Path:
     return resolved
 
 
-def _attachment_bytes(
-    attachment: Attachment, root: Path | None, budget: int
-) -> tuple[str, bytes]:
+def _attachment_bytes(attachment: Attachment, root: Path | None, budget: int) -> tuple[str, bytes]:
     if attachment.path is not None:
         path = resolve_attachment_path(attachment.path, root)
         size = path.stat().st_size

@@ -49,9 +49,7 @@ class Outcomes:
 
     def store_retry(self, event_id: str, reason: str, attempt: int, next_at: str) -> None:
         """The task state RETRY while the event waits for its next attempt."""
-        self.app.backend.mark_as_retry(
-            event_id, MailDeliveryDeferred(reason, attempt, next_at)
-        )
+        self.app.backend.mark_as_retry(event_id, MailDeliveryDeferred(reason, attempt, next_at))
 
     def publish(self, transaction: Transaction) -> None:
         """``<instance>.Done`` or ``<instance>.Failed`` on the events exchange."""

@@ -119,8 +119,9 @@ class Deliverer:
             raw = {**raw, "eventId": event_id}
         record = self.store.begin(event_id, raw, queue)
         if record.transaction is not None:
-            log.info("event %s: already final (attempt %d); not sent again",
-                     event_id, record.attempts)
+            log.info(
+                "event %s: already final (attempt %d); not sent again", event_id, record.attempts
+            )
             return self._finish(record.transaction, record.event, already=record.finalized)
 
         instance_name = _instance_name_of(raw)
@@ -132,16 +133,23 @@ class Deliverer:
         if instance is None:
             known = ", ".join(sorted(self.config.instances)) or "none"
             return self._fail(
-                event_id, event.instance,
-                f"unknown instance {event.instance!r} (configured: {known})", record, raw,
+                event_id,
+                event.instance,
+                f"unknown instance {event.instance!r} (configured: {known})",
+                record,
+                raw,
             )
 
         lease_s = max(60.0, instance.timeout_s * 6)
         token = self.store.acquire(event_id, lease_s)
         if token is None:
             log.info("event %s: another worker is sending it now; checking again later", event_id)
-            return self._defer(event_id, "another worker is sending this event now",
-                               LOCK_BUSY_DELAY_S, record.attempts)
+            return self._defer(
+                event_id,
+                "another worker is sending this event now",
+                LOCK_BUSY_DELAY_S,
+                record.attempts,
+            )
         try:
             return self._attempt(event_id, event, instance, record, raw)
         finally:
@@ -172,14 +180,23 @@ class Deliverer:
             sent = with_connection(conn, lambda c: c.send(built, todo))
         except PermanentError as exc:
             log.warning("event %s: attempt %d failed for good: %s", event_id, record.attempts, exc)
-            return self._conclude(event_id, event, instance, record, raw, accepted, refused,
-                                  failure=str(exc))
+            return self._conclude(
+                event_id, event, instance, record, raw, accepted, refused, failure=str(exc)
+            )
         except TransientError as exc:
             log.info("event %s: attempt %d failed, may retry: %s", event_id, record.attempts, exc)
             if record.attempts <= instance.max_retries:
                 return self._defer_backoff(event_id, instance, str(exc), record.attempts)
-            return self._conclude(event_id, event, instance, record, raw, accepted, refused,
-                                  failure=f"{exc} (gave up after {record.attempts} attempts)")
+            return self._conclude(
+                event_id,
+                event,
+                instance,
+                record,
+                raw,
+                accepted,
+                refused,
+                failure=f"{exc} (gave up after {record.attempts} attempts)",
+            )
 
         message_id = built.message_id
         accepted += sent.accepted
@@ -187,16 +204,31 @@ class Deliverer:
         if sent.accepted or sent.refused:
             # The server has the mail now: this write comes before anything else can fail.
             self.store.record_progress(event_id, accepted, refused)
-        log.info("event %s: attempt %d: %d accepted, %d refused, %d deferred by %s",
-                 event_id, record.attempts, len(sent.accepted), len(sent.refused),
-                 len(sent.deferred), conn.where)
+        log.info(
+            "event %s: attempt %d: %d accepted, %d refused, %d deferred by %s",
+            event_id,
+            record.attempts,
+            len(sent.accepted),
+            len(sent.refused),
+            len(sent.deferred),
+            conn.where,
+        )
         if sent.deferred:
             reason = "deferred: " + "; ".join(f"{a}: {r}" for a, r in sent.deferred.items())
             if record.attempts <= instance.max_retries:
                 return self._defer_backoff(event_id, instance, reason, record.attempts)
             refused.update(sent.deferred)
-        return self._conclude(event_id, event, instance, record, raw, accepted, refused,
-                              message_id=message_id, where=conn.where)
+        return self._conclude(
+            event_id,
+            event,
+            instance,
+            record,
+            raw,
+            accepted,
+            refused,
+            message_id=message_id,
+            where=conn.where,
+        )
 
     # -- outcomes --------------------------------------------------------------------------
 

@@ -16,7 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from worker.classify import Reply, format_reply, is_accepted, is_too_many_recipients, is_transient_reply
+from worker.classify import (
+    Reply,
+    format_reply,
+    is_accepted,
+    is_too_many_recipients,
+    is_transient_reply,
+)
 from worker.config import InstanceConfig
 from worker.errors import DeliveryError, PermanentError, TransientError
 from worker.message import BuiltMessage
@@ -105,7 +111,9 @@ class SmtpConnection:
         with self._mapped("connect"):
             try:
                 smtp = smtplib.SMTP(
-                    inst.mail_server, inst.port, local_hostname=LOCAL_HOSTNAME,
+                    inst.mail_server,
+                    inst.port,
+                    local_hostname=LOCAL_HOSTNAME,
                     timeout=inst.timeout_s,
                 )
             except smtplib.SMTPConnectError as exc:
@@ -118,7 +126,7 @@ class SmtpConnection:
                         f"STARTTLS is required (useSsl) but the server {self.where} does not "
                         "offer it; nothing was sent"
                     )
-                code, text = smtp.starttls(context=tls_context(inst))
+                smtp.starttls(context=tls_context(inst))
                 self.tls_active = True
                 self._ehlo(smtp)
             self._authenticate(smtp)
@@ -374,7 +382,7 @@ class SmtpConnection:
             raise TransientError(
                 f"cannot resolve mail server {self.instance.mail_server!r}: {exc.strerror}"
             ) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self.close()
             raise TransientError(
                 f"{stage} at {self.where}: timed out after {self.instance.timeout_s:g} s"

@@ -42,7 +42,9 @@ return due
 """
 _UNCLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
 return 0
 """
 _RELEASE = """
@@ -148,9 +150,7 @@ class Store:
             finalized=data.get("finalized") == "1",
         )
 
-    def record_progress(
-        self, event_id: str, accepted: list[str], refused: dict[str, str]
-    ) -> None:
+    def record_progress(self, event_id: str, accepted: list[str], refused: dict[str, str]) -> None:
         """Remember which recipients the server accepted or refused for good."""
         self.r.hset(
             event_key(event_id),
@@ -193,7 +193,7 @@ class Store:
             self._trim_dead_letters()
 
     def _trim_dead_letters(self) -> None:
-        excess = cast(int, self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
+        excess = int(self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
         if excess > 0:
             oldest = cast(list[str], self.r.zrange(DEAD_INDEX_KEY, 0, excess - 1))
             if oldest:
