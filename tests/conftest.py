@@ -121,6 +121,13 @@ def fleet_config(
             "Limited": instance(servers.limited),
             "Sized": instance(servers.sized),
             "Down": instance(servers.plain, port=free_port(), maxRetries=1),
+            # An empty userName means no AUTH, whatever the password says (test_parameters).
+            "PlainEmptyUser": instance(servers.plain, userName="", password="not-used"),
+            # The right server and TLS, the wrong password: AUTH is rejected (test_parameters).
+            "WrongPassword": instance(
+                servers.secure, mailServer="localhost", useSsl=True,
+                caFile=str(trusted_tls.ca_pem_path), userName=USER, password="wrong-password",
+            ),
         },
     }
 
