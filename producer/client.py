@@ -138,6 +138,9 @@ class MailProducer:
                         argsrepr="()",
                         retry=True,
                         retry_policy=PUBLISH_RETRY_POLICY,
+                        # Do not subscribe to the result at send time: ``Receipt.wait`` does
+                        # that, and sending must not depend on the result backend.
+                        ignore_result=True,
                     )
                     receipts.append(Receipt(event.event_id, self.app))
         except OperationalError as exc:

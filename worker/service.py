@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_REOPEN_S = 30.0
-LOCK_BUSY_DELAY_S = 5.0
+LOCK_BUSY_DELAY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,9 @@ class Deliverer:
                 raw,
             )
 
-        lease_s = max(60.0, instance.timeout_s * 6)
+        # Longer than one attempt can take (each SMTP step is bounded by timeoutS); a worker
+        # killed while holding it delays the event's redelivery by at most this much.
+        lease_s = instance.timeout_s * 4 + 10
         token = self.store.acquire(event_id, lease_s)
         if token is None:
             log.info("event %s: another worker is sending it now; checking again later", event_id)

@@ -1,0 +1,282 @@
+"""Delivery guarantees under faults, with real processes that are killed and restarted.
+
+Each test here runs its own redis-server, SMTP server and worker processes, because it
+breaks them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import EnqueueFailed, MailEvent, MailProducer
+from tests.support.fleet import RedisServer, WorkerProcess, free_port
+from tests.support.smtp import Rule, TestSmtpServer
+
+
+def config_for(
+    redis_server: RedisServer, smtp: TestSmtpServer, **params: Any
+) -> dict[str, Any]:
+    top = {k: params.pop(k) for k in list(params) if k in {"visibility_timeout_s"}}
+    return {
+        "broker_url": redis_server.url(0),
+        "result_backend": redis_server.url(1),
+        **top,
+        "instances": {
+            "Crash": {
+                "mailServer": "127.0.0.1",
+                "port": smtp.port,
+                "sender": "noreply@example.com",
+                "retryDelayS": 0.3,
+                "retryDelayMaxS": 1.0,
+                "maxRetries": 5,
+                "timeoutS": 2,
+                **params,
+            }
+        },
+    }
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[TestSmtpServer]:
+    with TestSmtpServer() as server:
+        yield server
+
+
+def copies_by_message_id(server: TestSmtpServer) -> Counter[str]:
+    return Counter(str(m.message()["Message-ID"]) for m in server.received)
+
+
+def wait_all(producer: MailProducer, ids: list[str], timeout_s: float) -> dict[str, bool]:
+    outcomes: dict[str, bool] = {}
+    deadline = time.monotonic() + timeout_s
+    for event_id in ids:
+        left = max(0.1, deadline - time.monotonic())
+        outcomes[event_id] = producer.receipt(event_id).wait(left).success
+    return outcomes
+
+
+@pytest.mark.slow
+def test_crash_500_events_sigkill_workers_nothing_lost(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    """500 events; worker process groups SIGKILLed four times mid-run and replaced."""
+    smtp.add_rule(Rule("data", "", times=None, delay_s=0.01))  # a relay that takes 10 ms
+    config = config_for(own_redis, smtp, visibility_timeout_s=3)
+    workers = [
+        WorkerProcess(tmp_path, config, name=f"w{i}", pool="prefork", concurrency=2).start()
+        for i in range(2)
+    ]
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    events = [
+        MailEvent(instance="Crash", subject=f"crash {i}", message="x",
+                  recipients=f"r{i}@example.com")
+        for i in range(500)
+    ]
+    ids = [r.event_id for r in producer.send_many(events)]
+    kills = 0
+    try:
+        for round_ in range(4):
+            time.sleep(0.7)
+            victim = workers[round_ % 2]
+            victim.kill()
+            kills += 1
+            workers[round_ % 2] = WorkerProcess(
+                tmp_path, config, name=f"w{round_ % 2}-r{round_}", pool="prefork",
+                concurrency=2,
+            ).start(wait=False)
+        outcomes = wait_all(producer, ids, timeout_s=120)
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+
+    assert all(outcomes.values()), "every event ends in success"
+    copies = copies_by_message_id(smtp)
+    lost = [i for i in ids if copies[f"<{i}@example.com>"] == 0]
+    duplicates = sum(n - 1 for n in copies.values() if n > 1)
+    print(f"crash test: 500 enqueued, {kills} kills, lost {len(lost)}, duplicates {duplicates}")
+    assert lost == []
+    # Only the window between the server's 250 and the record write can double a mail:
+    # at most one per process killed in that window (2 processes per worker, 4 kills).
+    assert duplicates <= kills * 2
+
+
+def test_backoff_longer_than_visibility_timeout_is_not_sent_twice(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    smtp.add_rule(Rule("data", "451 4.7.1 Greylisted, retry later", times=1))
+    config = config_for(own_redis, smtp, visibility_timeout_s=1, retryDelayS=4,
+                        retryDelayMaxS=4)
+    workers = [WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start()
+               for i in range(2)]
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipt = producer.send(MailEvent(instance="Crash", subject="slow retry",
+                                          message="x", recipients="a@example.com"))
+        tx = receipt.wait(timeout_s=30)
+        time.sleep(3.5)  # three visibility timeouts: a restored message would run again
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+    assert tx.success is True
+    assert tx.attempts == 2
+    assert smtp.accepted_count("a@example.com") == 1
+    assert smtp.transactions == 2
+
+
+def test_redis_restart_with_aof_loses_nothing(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    config = config_for(own_redis, smtp)
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    first = producer.send_many(
+        [MailEvent(instance="Crash", subject=f"before {i}", message="x",
+                   recipients=f"b{i}@example.com") for i in range(20)]
+    )
+    # Queued while no worker runs, then Redis restarts: AOF keeps them.
+    own_redis.stop()
+    own_redis.start()
+    worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
+    try:
+        assert all(wait_all(producer, [r.event_id for r in first], 30).values())
+        # Now restart Redis under a running worker; it must carry on.
+        own_redis.stop()
+        time.sleep(1)
+        own_redis.start()
+        second = producer.send_many(
+            [MailEvent(instance="Crash", subject=f"after {i}", message="x",
+                       recipients=f"a{i}@example.com") for i in range(20)]
+        )
+        assert all(wait_all(producer, [r.event_id for r in second], 60).values())
+    finally:
+        worker.stop()
+        producer.close()
+    copies = copies_by_message_id(smtp)
+    assert len(copies) == 40
+    assert set(copies.values()) == {1}
+
+
+def test_smtp_outage_events_wait_and_are_delivered_when_it_returns(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    port = free_port()
+    config = config_for(own_redis, TestSmtpServer(port=port), maxRetries=8,
+                        retryDelayS=0.5, retryDelayMaxS=1.0)
+    worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipts = producer.send_many(
+            [MailEvent(instance="Crash", subject=f"outage {i}", message="x",
+                       recipients=f"o{i}@example.com") for i in range(10)]
+        )
+        time.sleep(2.5)  # the server is down: every event is failing and waiting
+        assert {r.state for r in receipts} == {"RETRY"}
+        with TestSmtpServer(port=port) as smtp:
+            outcomes = [r.wait(timeout_s=30) for r in receipts]
+            copies = copies_by_message_id(smtp)
+    finally:
+        worker.stop()
+        producer.close()
+    assert all(t.success for t in outcomes)
+    assert all(t.attempts >= 2 for t in outcomes)
+    assert len(copies) == 10 and set(copies.values()) == {1}
+
+
+def test_smtp_outage_past_the_retry_window_ends_failed(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    config = config_for(own_redis, TestSmtpServer(port=free_port()), maxRetries=2,
+                        retryDelayS=0.2, retryDelayMaxS=0.2)
+    worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        tx = producer.send(MailEvent(instance="Crash", subject="never", message="x",
+                                     recipients="n@example.com")).wait(timeout_s=30)
+    finally:
+        worker.stop()
+        producer.close()
+    assert tx.success is False
+    assert tx.attempts == 3
+    assert "connection refused" in tx.message
+    assert "gave up after 3 attempts" in tx.message
+
+
+def test_sigterm_lets_in_flight_mails_finish(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    smtp.add_rule(Rule("data", "", times=None, delay_s=1.0))  # each mail takes a second
+    config = config_for(own_redis, smtp, timeoutS=10)
+    worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    receipts = producer.send_many(
+        [MailEvent(instance="Crash", subject=f"term {i}", message="x",
+                   recipients=f"t{i}@example.com") for i in range(6)]
+    )
+    try:
+        assert smtp.wait_for(lambda s: s.transactions >= 2, timeout_s=10)
+        assert worker.stop(timeout_s=30) == 0  # warm shutdown: in-flight mails finish
+        finished = len(smtp.received)
+        assert finished >= 2
+        replacement = WorkerProcess(tmp_path, config, name="w2", concurrency=2).start()
+        try:
+            outcomes = [r.wait(timeout_s=30) for r in receipts]
+        finally:
+            replacement.stop()
+    finally:
+        producer.close()
+    assert all(t.success for t in outcomes)
+    copies = copies_by_message_id(smtp)
+    assert len(copies) == 6 and set(copies.values()) == {1}
+
+
+def test_producer_raises_enqueue_failed_when_redis_is_away(tmp_path: Path) -> None:
+    port = free_port()
+    producer = MailProducer(f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1")
+    started = time.monotonic()
+    with pytest.raises(EnqueueFailed) as info:
+        producer.send(MailEvent(instance="Crash", subject="x", message="y",
+                                recipients="a@example.com"))
+    assert time.monotonic() - started < 30
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "0 of 1 enqueued" in str(info.value)
+
+
+def test_same_event_enqueued_concurrently_is_sent_once(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    smtp.add_rule(Rule("data", "", times=None, delay_s=0.5))
+    config = config_for(own_redis, smtp)
+    workers = [WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start()
+               for i in range(2)]
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    event = MailEvent(instance="Crash", subject="twice", message="x",
+                      recipients="a@example.com", event_id="same-event-twice")
+    try:
+        producer.send_many([event, event, event])
+        tx = producer.receipt(event.event_id).wait(timeout_s=30)
+        time.sleep(3)  # let every copy run
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+    assert tx.success is True
+    assert smtp.accepted_count("a@example.com") == 1
+    record = redis.Redis.from_url(own_redis.url(1), decode_responses=True).hgetall(
+        "mailsender:event:same-event-twice"
+    )
+    assert int(record["attempts"]) >= 3
