@@ -7,8 +7,10 @@ Celery's vocabulary (a result, ``MailDeliveryFailed``, or ``Retry``). Per-proces
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import uuid
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, bootsteps, signals
+from celery.worker.consumer import Consumer
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
@@ -96,6 +99,43 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
                 self._stop.wait(INFRA_BACKOFF_S)
 
 
+class KeepingConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, but a message it cannot run is kept as a dead letter, not dropped.
+
+    Celery acknowledges (and so drops) task messages it cannot decode (not JSON, pickle,
+    binary garbage), of an unknown format, or with invalid fields. Each of those is first
+    recorded as a failed transaction with the raw message (base64) for inspection.
+    """
+
+    def _keep(self, message: Any, reason: str) -> None:
+        try:
+            headers = dict(getattr(message, "headers", None) or {})
+            body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+            raw = {
+                "rawMessage": base64.b64encode(body[:1_000_000]).decode("ascii"),
+                "contentType": getattr(message, "content_type", None),
+                "task": str(headers.get("task", "")),
+            }
+            event_id = str(headers.get("id") or uuid.uuid4())
+            config: Config = self.app.conf.mailsender_config
+            store = make_store(config)
+            Deliverer(config, store, Outcomes(self.app)).fail_internal(raw, event_id, reason)
+        except Exception:  # keeping it must never stop the consumer
+            log.exception("could not keep a rejected task message")
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._keep(message, f"the task message cannot be decoded ({exc}); only JSON is accepted")
+        super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._keep(message, "the message is not a Celery task message")
+        super().on_unknown_message(body, message)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._keep(message, f"the task message is invalid: {exc}")
+        super().on_invalid_task(body, message, exc)
+
+
 def enqueue_raw(app: Celery, raw: Any, event_id: str, queue: str) -> None:
     """Enqueue a raw event again under its own id (retries and replay), redacted for Flower."""
     app.send_task(
@@ -138,6 +178,7 @@ def create_app(config: Config) -> Celery:
         worker_hijack_root_logger=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         mailsender_config=config,
+        worker_consumer="worker.app:KeepingConsumer",
     )
     app.steps["worker"].add(RetryPump)
 
@@ -171,7 +212,7 @@ def create_app(config: Config) -> Celery:
         queue = (request.delivery_info or {}).get("routing_key") or names.DEFAULT_QUEUE
         try:
             outcome = runtime().deliverer.run(raw, request.id, queue)
-        except (redis.RedisError, OperationalError, OSError) as exc:
+        except (redis.RedisError, OperationalError) as exc:
             # Redis or the broker is away: hand the message back rather than lose it.
             log.warning("event %s: infrastructure unavailable (%s); requeued", request.id, exc)
             time.sleep(INFRA_BACKOFF_S)

@@ -7,20 +7,28 @@ parser decodes RFC 2047 encoded words, which could otherwise smuggle a line brea
 
 from __future__ import annotations
 
-import html
 import mimetypes
 import re
 from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTP, SMTPUTF8, default
 from email.utils import format_datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
-from producer.models import Attachment, MailEvent, parse_address_list, utc_now
+from producer.models import (
+    Attachment,
+    MailEvent,
+    check_header_text,
+    parse_address_list,
+    utc_now,
+)
 from worker.config import InstanceConfig
 from worker.errors import PermanentError
+
+
+SEVEN_BIT = default.clone(cte_type="7bit")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n")
         if tag == "li":
             self.parts.append("- ")
+        if tag in ("td", "th"):
+            self.parts.append("\t")
         if tag == "a":
             self._href = dict(attrs).get("href")
 
@@ -100,10 +110,10 @@ def html_to_text(markup: str) -> str:
     parser.feed(markup)
     parser.close()
     text = "".join(parser.parts)
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [" ".join(line.split()) for line in text.splitlines()]
     text = "\n".join(lines)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
-    return html.unescape(text) + "\n"
+    return text + "\n"
 
 
 def resolve_attachment_path(path: str, root: Path | None) -> Path:
@@ -149,6 +159,10 @@ def _attachment_bytes(attachment: Attachment, root: Path | None, budget: int) ->
 
 
 def _set_header(msg: EmailMessage, name: str, value: str) -> None:
+    try:
+        check_header_text(value)
+    except ValueError as exc:
+        raise PermanentError(f"the {name} header {exc}; refused") from None
     msg[name] = value
     parsed = str(msg[name])
     if "\r" in parsed or "\n" in parsed:
@@ -183,7 +197,8 @@ def build_message(
             "no recipients: the event has none and the instance has no default recipients"
         )
 
-    msg = EmailMessage()
+    # Bodies are encoded 7-bit clean (quoted-printable or base64), so no server needs 8BITMIME.
+    msg = EmailMessage(policy=SEVEN_BIT)
     message_id = message_id_for(event.event_id, sender.addr_spec)
     _set_header(msg, "From", str(sender))
     if to:
