@@ -93,9 +93,7 @@ def parse_address_list(value: str) -> list[Address]:
     for address in addresses:
         if not address.username or not address.domain or " " in address.addr_spec:
             shown = address.addr_spec if address.username else value.strip()
-            raise ValueError(
-                f"{shown!r} is not a valid e-mail address"
-            )
+            raise ValueError(f"{shown!r} is not a valid e-mail address")
     if problems:
         raise ValueError(f"{value.strip()!r} is not a valid address list ({problems[0]})")
     return addresses

@@ -100,8 +100,12 @@ def fleet_config(
     redis_server: RedisServer, servers: Servers, trusted_tls: TlsMaterial
 ) -> dict[str, Any]:
     """The YAML configuration of the session's worker (as a dict)."""
-    secure = {"useSsl": True, "caFile": str(trusted_tls.ca_pem_path), "userName": USER,
-              "password": "${TEST_SMTP_PASSWORD}"}
+    secure = {
+        "useSsl": True,
+        "caFile": str(trusted_tls.ca_pem_path),
+        "userName": USER,
+        "password": "${TEST_SMTP_PASSWORD}",
+    }
     return {
         "broker_url": redis_server.url(0),
         "result_backend": redis_server.url(1),
@@ -109,9 +113,12 @@ def fleet_config(
         "instances": {
             "Plain": instance(servers.plain),
             "Alerts": instance(
-                servers.plain, sender="Alerts <alerts@example.com>",
+                servers.plain,
+                sender="Alerts <alerts@example.com>",
                 recipients="Ops <ops@example.com>, oncall@example.com",
-                subjectPrefix="Test - ", endpoint="ops-mail", interface="Monitoring",
+                subjectPrefix="Test - ",
+                endpoint="ops-mail",
+                interface="Monitoring",
             ),
             "Secure": instance(servers.secure, mailServer="localhost", **secure),
             "NoStarttls": instance(servers.no_starttls, **secure),
@@ -125,8 +132,12 @@ def fleet_config(
             "PlainEmptyUser": instance(servers.plain, userName="", password="not-used"),
             # The right server and TLS, the wrong password: AUTH is rejected (test_parameters).
             "WrongPassword": instance(
-                servers.secure, mailServer="localhost", useSsl=True,
-                caFile=str(trusted_tls.ca_pem_path), userName=USER, password="wrong-password",
+                servers.secure,
+                mailServer="localhost",
+                useSsl=True,
+                caFile=str(trusted_tls.ca_pem_path),
+                userName=USER,
+                password="wrong-password",
             ),
         },
     }
@@ -138,7 +149,8 @@ def fleet_worker(
 ) -> Iterator[WorkerProcess]:
     """One real worker process (threads pool, 4 threads) for the session."""
     worker = WorkerProcess(
-        tmp_path_factory.mktemp("worker"), fleet_config,
+        tmp_path_factory.mktemp("worker"),
+        fleet_config,
         env={"TEST_SMTP_PASSWORD": PASSWORD, "MAILSENDER_ATTACHMENT_ROOT": str(attachment_root)},
     )
     worker.start()
@@ -167,9 +179,7 @@ def events(redis_server: RedisServer) -> EventsReader:
 
 
 @pytest.fixture
-def fleet(
-    fleet_worker: WorkerProcess, servers: Servers
-) -> Iterator[Servers]:
+def fleet(fleet_worker: WorkerProcess, servers: Servers) -> Iterator[Servers]:
     """The running worker and fresh SMTP servers (no rules, nothing received, no sessions)."""
     for server in servers.all():
         server.reset()

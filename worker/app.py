@@ -10,16 +10,16 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import uuid
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Celery, Task, bootsteps, signals
-from celery.worker.consumer import Consumer
 from celery.exceptions import Reject, Retry
+from celery.worker.consumer import Consumer
 from kombu.exceptions import OperationalError
 
 from producer import names

@@ -27,7 +27,6 @@ from producer.models import (
 from worker.config import InstanceConfig
 from worker.errors import PermanentError
 
-
 SEVEN_BIT = default.clone(cte_type="7bit")
 
 

@@ -15,7 +15,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -39,6 +39,14 @@ SECRET_FORMS = [
     base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode(),
 ]
 """The password as it could appear: clear text, AUTH LOGIN's base64, AUTH PLAIN's base64."""
+
+
+@pytest.fixture
+def broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the broker's Redis (to look at waiting task messages)."""
+    client = redis.Redis.from_url(redis_server.url(0), decode_responses=True)
+    yield client
+    client.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -186,9 +194,8 @@ MORE_INJECTIONS = [
 
 @pytest.mark.parametrize(("field", "value"), INJECTIONS + MORE_INJECTIONS)
 def test_C05_producer_rejects_header_injection(
-    fleet: Servers, producer: MailProducer, redis_server: RedisServer, field: str, value: str
+    fleet: Servers, producer: MailProducer, broker: redis.Redis, field: str, value: str
 ) -> None:
-    broker = redis.Redis.from_url(redis_server.url(0))
     event_id = new_id("c05-producer")
     with pytest.raises(InvalidEvent) as info:
         producer.send(case_event(eventId=event_id, **{field: value}))
@@ -258,10 +265,9 @@ B3 = "café\n".encode("latin-1")
 
 
 def test_C07_binary_attachments_survive_the_json_queue(
-    fleet: Servers, redis_server: RedisServer, backend: redis.Redis
+    fleet: Servers, redis_server: RedisServer, broker: redis.Redis
 ) -> None:
     assert B3 == b"caf\xe9\n"
-    broker = redis.Redis.from_url(redis_server.url(0))
     hold_queue = new_id("c07-hold")  # a queue no worker reads, to look at the message
     event_id = new_id("c07")
     attachments = [

@@ -20,9 +20,7 @@ from tests.support.fleet import RedisServer, WorkerProcess, free_port
 from tests.support.smtp import Rule, TestSmtpServer
 
 
-def config_for(
-    redis_server: RedisServer, smtp: TestSmtpServer, **params: Any
-) -> dict[str, Any]:
+def config_for(redis_server: RedisServer, smtp: TestSmtpServer, **params: Any) -> dict[str, Any]:
     top = {k: params.pop(k) for k in list(params) if k in {"visibility_timeout_s"}}
     return {
         "broker_url": redis_server.url(0),
@@ -82,8 +80,9 @@ def test_crash_500_events_sigkill_workers_nothing_lost(
     ]
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     events = [
-        MailEvent(instance="Crash", subject=f"crash {i}", message="x",
-                  recipients=f"r{i}@example.com")
+        MailEvent(
+            instance="Crash", subject=f"crash {i}", message="x", recipients=f"r{i}@example.com"
+        )
         for i in range(500)
     ]
     ids = [r.event_id for r in producer.send_many(events)]
@@ -95,7 +94,10 @@ def test_crash_500_events_sigkill_workers_nothing_lost(
             victim.kill()
             kills += 1
             workers[round_ % 2] = WorkerProcess(
-                tmp_path, config, name=f"w{round_ % 2}-r{round_}", pool="prefork",
+                tmp_path,
+                config,
+                name=f"w{round_ % 2}-r{round_}",
+                pool="prefork",
                 concurrency=2,
             ).start(wait=False)
         outcomes = wait_all(producer, ids, timeout_s=120)
@@ -119,14 +121,17 @@ def test_backoff_longer_than_visibility_timeout_is_not_sent_twice(
     tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
 ) -> None:
     smtp.add_rule(Rule("data", "451 4.7.1 Greylisted, retry later", times=1))
-    config = config_for(own_redis, smtp, visibility_timeout_s=1, retryDelayS=4,
-                        retryDelayMaxS=4)
-    workers = [WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start()
-               for i in range(2)]
+    config = config_for(own_redis, smtp, visibility_timeout_s=1, retryDelayS=4, retryDelayMaxS=4)
+    workers = [
+        WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start() for i in range(2)
+    ]
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:
-        receipt = producer.send(MailEvent(instance="Crash", subject="slow retry",
-                                          message="x", recipients="a@example.com"))
+        receipt = producer.send(
+            MailEvent(
+                instance="Crash", subject="slow retry", message="x", recipients="a@example.com"
+            )
+        )
         tx = receipt.wait(timeout_s=30)
         time.sleep(3.5)  # three visibility timeouts: a restored message would run again
     finally:
@@ -145,8 +150,12 @@ def test_redis_restart_with_aof_loses_nothing(
     config = config_for(own_redis, smtp)
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     first = producer.send_many(
-        [MailEvent(instance="Crash", subject=f"before {i}", message="x",
-                   recipients=f"b{i}@example.com") for i in range(20)]
+        [
+            MailEvent(
+                instance="Crash", subject=f"before {i}", message="x", recipients=f"b{i}@example.com"
+            )
+            for i in range(20)
+        ]
     )
     # Queued while no worker runs, then Redis restarts: AOF keeps them.
     own_redis.stop()
@@ -159,8 +168,15 @@ def test_redis_restart_with_aof_loses_nothing(
         time.sleep(1)
         own_redis.start()
         second = producer.send_many(
-            [MailEvent(instance="Crash", subject=f"after {i}", message="x",
-                       recipients=f"a{i}@example.com") for i in range(20)]
+            [
+                MailEvent(
+                    instance="Crash",
+                    subject=f"after {i}",
+                    message="x",
+                    recipients=f"a{i}@example.com",
+                )
+                for i in range(20)
+            ]
         )
         assert all(wait_all(producer, [r.event_id for r in second], 60).values())
     finally:
@@ -175,14 +191,22 @@ def test_smtp_outage_events_wait_and_are_delivered_when_it_returns(
     tmp_path: Path, own_redis: RedisServer
 ) -> None:
     port = free_port()
-    config = config_for(own_redis, TestSmtpServer(port=port), maxRetries=8,
-                        retryDelayS=0.5, retryDelayMaxS=1.0)
+    config = config_for(
+        own_redis, TestSmtpServer(port=port), maxRetries=8, retryDelayS=0.5, retryDelayMaxS=1.0
+    )
     worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:
         receipts = producer.send_many(
-            [MailEvent(instance="Crash", subject=f"outage {i}", message="x",
-                       recipients=f"o{i}@example.com") for i in range(10)]
+            [
+                MailEvent(
+                    instance="Crash",
+                    subject=f"outage {i}",
+                    message="x",
+                    recipients=f"o{i}@example.com",
+                )
+                for i in range(10)
+            ]
         )
         time.sleep(2.5)  # the server is down: every event is failing and waiting
         assert {r.state for r in receipts} == {"RETRY"}
@@ -200,13 +224,19 @@ def test_smtp_outage_events_wait_and_are_delivered_when_it_returns(
 def test_smtp_outage_past_the_retry_window_ends_failed(
     tmp_path: Path, own_redis: RedisServer
 ) -> None:
-    config = config_for(own_redis, TestSmtpServer(port=free_port()), maxRetries=2,
-                        retryDelayS=0.2, retryDelayMaxS=0.2)
+    config = config_for(
+        own_redis,
+        TestSmtpServer(port=free_port()),
+        maxRetries=2,
+        retryDelayS=0.2,
+        retryDelayMaxS=0.2,
+    )
     worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:
-        tx = producer.send(MailEvent(instance="Crash", subject="never", message="x",
-                                     recipients="n@example.com")).wait(timeout_s=30)
+        tx = producer.send(
+            MailEvent(instance="Crash", subject="never", message="x", recipients="n@example.com")
+        ).wait(timeout_s=30)
     finally:
         worker.stop()
         producer.close()
@@ -224,8 +254,12 @@ def test_sigterm_lets_in_flight_mails_finish(
     worker = WorkerProcess(tmp_path, config, name="w", concurrency=2).start()
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     receipts = producer.send_many(
-        [MailEvent(instance="Crash", subject=f"term {i}", message="x",
-                   recipients=f"t{i}@example.com") for i in range(6)]
+        [
+            MailEvent(
+                instance="Crash", subject=f"term {i}", message="x", recipients=f"t{i}@example.com"
+            )
+            for i in range(6)
+        ]
     )
     try:
         assert smtp.wait_for(lambda s: s.transactions >= 2, timeout_s=10)
@@ -249,8 +283,9 @@ def test_producer_raises_enqueue_failed_when_redis_is_away(tmp_path: Path) -> No
     producer = MailProducer(f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1")
     started = time.monotonic()
     with pytest.raises(EnqueueFailed) as info:
-        producer.send(MailEvent(instance="Crash", subject="x", message="y",
-                                recipients="a@example.com"))
+        producer.send(
+            MailEvent(instance="Crash", subject="x", message="y", recipients="a@example.com")
+        )
     assert time.monotonic() - started < 30
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "0 of 1 enqueued" in str(info.value)
@@ -261,11 +296,17 @@ def test_same_event_enqueued_concurrently_is_sent_once(
 ) -> None:
     smtp.add_rule(Rule("data", "", times=None, delay_s=0.5))
     config = config_for(own_redis, smtp)
-    workers = [WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start()
-               for i in range(2)]
+    workers = [
+        WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start() for i in range(2)
+    ]
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
-    event = MailEvent(instance="Crash", subject="twice", message="x",
-                      recipients="a@example.com", event_id="same-event-twice")
+    event = MailEvent(
+        instance="Crash",
+        subject="twice",
+        message="x",
+        recipients="a@example.com",
+        event_id="same-event-twice",
+    )
     try:
         producer.send_many([event, event, event])
         tx = producer.receipt(event.event_id).wait(timeout_s=30)

@@ -18,8 +18,9 @@ def test_secure_instance_delivers_with_starttls_then_auth(
     fleet: Servers, producer: MailProducer, events: EventsReader, backend: redis.Redis
 ) -> None:
     receipt = producer.send(
-        MailEvent(instance="Secure", subject="Hello", message="Body text",
-                  recipients="alice@example.com")
+        MailEvent(
+            instance="Secure", subject="Hello", message="Body text", recipients="alice@example.com"
+        )
     )
     tx = receipt.wait(timeout_s=20)
 
@@ -62,9 +63,9 @@ def test_secure_instance_delivers_with_starttls_then_auth(
     assert body["transaction"] == result.get(timeout=5)
 
     # The stream entry.
-    entries = backend.xrange("mailsender:transactions")
-    mine = [json.loads(f["transaction"]) for _, f in entries
-            if json.loads(f["transaction"])["eventId"] == receipt.event_id]
+    entries: list[tuple[str, dict[str, str]]] = backend.xrange("mailsender:transactions")  # type: ignore[assignment]
+    logged = [json.loads(fields["transaction"]) for _, fields in entries]
+    mine = [t for t in logged if t["eventId"] == receipt.event_id]
     assert mine == [body["transaction"]]
 
 
@@ -74,8 +75,9 @@ def test_all_recipients_refused_fails_at_once_with_failed_event(
     from tests.support.smtp import Rule
 
     fleet.plain.add_rule(Rule("rcpt", "550 5.1.1 User unknown", times=None))
-    receipt = producer.send({"instance": "Plain", "subject": "x", "message": "y",
-                             "recipients": "gone@example.com"})
+    receipt = producer.send(
+        {"instance": "Plain", "subject": "x", "message": "y", "recipients": "gone@example.com"}
+    )
     tx = receipt.wait(timeout_s=20)
     assert tx.success is False
     assert tx.count == 0
@@ -99,8 +101,9 @@ def test_greylisting_twice_then_accepted_is_delivered_once_in_three_attempts(
     from tests.support.smtp import Rule
 
     fleet.plain.add_rule(Rule("data", "451 4.7.1 Greylisted, retry later", times=2))
-    receipt = producer.send({"instance": "Plain", "subject": "grey", "message": "y",
-                             "recipients": "alice@example.com"})
+    receipt = producer.send(
+        {"instance": "Plain", "subject": "grey", "message": "y", "recipients": "alice@example.com"}
+    )
     tx = receipt.wait(timeout_s=30)
     assert tx.success is True
     assert tx.attempts == 3

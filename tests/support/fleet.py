@@ -46,10 +46,23 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while True:
@@ -109,10 +122,26 @@ class WorkerProcess:
         env.pop("MAILSENDER_RESULT_BACKEND", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--pool", self.pool,
-             "--concurrency", str(self.concurrency), "--hostname", f"{self.name}-{os.getpid()}@%h",
-             "--without-mingle", "--without-gossip", "--loglevel", "INFO", *self.extra_args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "worker",
+                "--pool",
+                self.pool,
+                "--concurrency",
+                str(self.concurrency),
+                "--hostname",
+                f"{self.name}-{os.getpid()}@%h",
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "INFO",
+                *self.extra_args,
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         if wait:
@@ -128,7 +157,8 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout_s
         while " ready." not in self.log():
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                code = self.proc.returncode
+                raise RuntimeError(f"worker exited with {code}:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log()[-3000:]}")
             time.sleep(0.1)

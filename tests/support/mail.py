@@ -15,7 +15,7 @@ def body_text(msg: EmailMessage, subtype: str = "plain") -> str:
     """The decoded text body of ``subtype``, normalised."""
     part = msg.get_body((subtype,))
     assert part is not None, f"no text/{subtype} part"
-    content = part.get_content()  # type: ignore[attr-defined]
+    content = part.get_content()
     assert isinstance(content, str)
     return normalised(content)
 
