@@ -299,7 +299,8 @@ class SmtpConnection:
             code, text = smtp.data(message.data)
             if not is_accepted(code):
                 self._rset(smtp)
-                raise self._reply_error("end of DATA", code, text)
+                to = ", ".join(outcome.accepted)
+                raise self._reply_error(f"end of DATA for {to}", code, text)
         return outcome, too_many
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
