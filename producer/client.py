@@ -7,6 +7,7 @@ that knows the task name ``mailsender.send``, JSON only.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ PUBLISH_RETRY_POLICY: dict[str, float] = {
 }
 """How long ``send`` keeps trying to reach the broker before it raises ``EnqueueFailed``."""
 
+DEFAULT_BATCH_SIZE = 50
+"""Events per broker message in ``send_many``."""
+
 
 def summary_of(event: MailEvent) -> str:
     """A redacted one-line summary of an event for Flower: no body, no attachment content."""
@@ -37,6 +41,13 @@ def summary_of(event: MailEvent) -> str:
         f"'cc': {len(event.cc)}, 'bcc': {len(event.bcc)}, "
         f"'attachments': {len(event.attachments)}}}"
     )
+
+
+def batch_summary_of(events: list[MailEvent]) -> str:
+    """A redacted summary of a batch for Flower."""
+    instances = sorted({e.instance for e in events})
+    ids = [e.event_id for e in events[:3]]
+    return f"{{'events': {len(events)}, 'instances': {instances!r}, 'eventIds': {ids!r}...}}"
 
 
 def make_client_app(broker_url: str, result_backend: str) -> Celery:
@@ -100,6 +111,7 @@ class MailProducer:
         result_backend: str | None = None,
         *,
         queue: str = names.DEFAULT_QUEUE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         self.broker_url = (
             broker_url or os.environ.get(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
@@ -108,6 +120,7 @@ class MailProducer:
             result_backend or os.environ.get(names.ENV_RESULT_BACKEND) or self.broker_url
         )
         self.queue = queue
+        self.batch_size = batch_size
         self.app = make_client_app(self.broker_url, self.result_backend)
 
     def send(self, event: MailEvent | dict[str, Any]) -> Receipt:
@@ -118,37 +131,63 @@ class MailProducer:
         """
         return self.send_many([event])[0]
 
-    def send_many(self, events: Iterable[MailEvent | dict[str, Any]]) -> list[Receipt]:
+    def send_many(
+        self,
+        events: Iterable[MailEvent | dict[str, Any]],
+        *,
+        batch_size: int | None = None,
+    ) -> list[Receipt]:
         """Validate every event first, then enqueue them all over one broker connection.
 
+        Events travel ``batch_size`` (default ``MailProducer.batch_size``) to a broker message
+        (task ``mailsender.send_batch``); each keeps its own id, result and instance event.
         If any event is invalid, none is enqueued.
         """
         parsed = [MailEvent.parse(e) for e in events]
-        receipts: list[Receipt] = []
+        size = max(1, batch_size or self.batch_size)
+        enqueued = 0
         try:
             with self.app.producer_or_acquire() as producer:
-                for event in parsed:
-                    self.app.send_task(
-                        names.TASK_NAME,
-                        kwargs={"event": event.to_json()},
-                        task_id=event.event_id,
-                        queue=self.queue,
-                        producer=producer,
-                        kwargsrepr=summary_of(event),
-                        argsrepr="()",
-                        retry=True,
-                        retry_policy=PUBLISH_RETRY_POLICY,
-                        # Do not subscribe to the result at send time: ``Receipt.wait`` does
-                        # that, and sending must not depend on the result backend.
-                        ignore_result=True,
-                    )
-                    receipts.append(Receipt(event.event_id, self.app))
+                for start in range(0, len(parsed), size):
+                    chunk = parsed[start : start + size]
+                    if len(chunk) == 1:
+                        self._publish_one(chunk[0], producer)
+                    else:
+                        self.app.send_task(
+                            names.TASK_BATCH_NAME,
+                            kwargs={"events": [e.to_json() for e in chunk]},
+                            task_id=str(uuid.uuid4()),
+                            queue=self.queue,
+                            producer=producer,
+                            kwargsrepr=batch_summary_of(chunk),
+                            argsrepr="()",
+                            retry=True,
+                            retry_policy=PUBLISH_RETRY_POLICY,
+                            ignore_result=True,
+                        )
+                    enqueued += len(chunk)
         except OperationalError as exc:
             raise EnqueueFailed(
                 f"could not enqueue to the broker at {_redact(self.broker_url)} "
-                f"({len(receipts)} of {len(parsed)} enqueued): {exc}"
+                f"({enqueued} of {len(parsed)} enqueued): {exc}"
             ) from exc
-        return receipts
+        return [Receipt(e.event_id, self.app) for e in parsed]
+
+    def _publish_one(self, event: MailEvent, producer: Any) -> None:
+        self.app.send_task(
+            names.TASK_NAME,
+            kwargs={"event": event.to_json()},
+            task_id=event.event_id,
+            queue=self.queue,
+            producer=producer,
+            kwargsrepr=summary_of(event),
+            argsrepr="()",
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+            # Do not subscribe to the result at send time: ``Receipt.wait`` does that, and
+            # sending must not depend on the result backend.
+            ignore_result=True,
+        )
 
     def receipt(self, event_id: str) -> Receipt:
         """A receipt for an event enqueued earlier (to wait for its outcome)."""

@@ -8,7 +8,7 @@ TASK_NAME: Final = "mailsender.send"
 """The Celery task that delivers one mail event."""
 
 TASK_BATCH_NAME: Final = "mailsender.send_batch"
-"""Reserved for carrying several events in one broker message (not used yet)."""
+"""The Celery task that delivers several events carried by one broker message (``events``)."""
 
 DEFAULT_QUEUE: Final = "mailsender"
 """The Celery queue the task is routed to unless an instance names another."""

@@ -13,7 +13,7 @@ import redis
 from producer import MailProducer
 from tests.support.fleet import EventsReader, RedisServer, WorkerProcess, free_port
 from tests.support.smtp import TestSmtpServer
-from tests.support.tls import tls_material, untrusted_tls_material
+from tests.support.tls import misnamed_tls_material, tls_material, untrusted_tls_material
 from worker.devserver import TlsMaterial
 
 PASSWORD = "S3cret-Test!"
@@ -42,6 +42,12 @@ def untrusted_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
     return untrusted_tls_material(tmp_path_factory.mktemp("tls-untrusted"))
 
 
+@pytest.fixture(scope="session")
+def misnamed_tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    """A trusted CA of its own whose server certificate names only ``mail.example.test``."""
+    return misnamed_tls_material(tmp_path_factory.mktemp("tls-misnamed"))
+
+
 @dataclass
 class Servers:
     """Every SMTP server of the session, by role."""
@@ -53,13 +59,16 @@ class Servers:
     self_signed: TestSmtpServer  # STARTTLS with an unknown CA, no AUTH (useSsl false)
     limited: TestSmtpServer  # at most 2 RCPT per transaction
     sized: TestSmtpServer  # SIZE 1 MiB
+    misnamed: TestSmtpServer  # STARTTLS + AUTH, certificate for mail.example.test only
 
     def all(self) -> list[TestSmtpServer]:
         return list(vars(self).values())
 
 
 @pytest.fixture(scope="session")
-def servers(trusted_tls: TlsMaterial, untrusted_tls: TlsMaterial) -> Iterator[Servers]:
+def servers(
+    trusted_tls: TlsMaterial, untrusted_tls: TlsMaterial, misnamed_tls: TlsMaterial
+) -> Iterator[Servers]:
     """Start every SMTP server once."""
     users = {USER: PASSWORD}
     s = Servers(
@@ -70,6 +79,7 @@ def servers(trusted_tls: TlsMaterial, untrusted_tls: TlsMaterial) -> Iterator[Se
         self_signed=TestSmtpServer(tls=untrusted_tls),
         limited=TestSmtpServer(max_rcpt_per_transaction=2),
         sized=TestSmtpServer(size_limit=1024 * 1024),
+        misnamed=TestSmtpServer(tls=misnamed_tls, users=users, require_starttls=True),
     )
     for server in s.all():
         server.start()
@@ -97,7 +107,10 @@ def attachment_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fleet_config(
-    redis_server: RedisServer, servers: Servers, trusted_tls: TlsMaterial
+    redis_server: RedisServer,
+    servers: Servers,
+    trusted_tls: TlsMaterial,
+    misnamed_tls: TlsMaterial,
 ) -> dict[str, Any]:
     """The YAML configuration of the session's worker (as a dict)."""
     secure = {
@@ -138,6 +151,15 @@ def fleet_config(
                 caFile=str(trusted_tls.ca_pem_path),
                 userName=USER,
                 password="wrong-password",
+            ),
+            # The session's password offered for a user the server does not know: 535
+            # (test_security searches every Redis key for the password afterwards).
+            "WrongUser": instance(servers.secure, mailServer="localhost", **secure)
+            | {"userName": "intruder"},
+            # A CA the worker trusts, but a certificate for another name than the one the
+            # instance connects by (127.0.0.1): the host name check must refuse it.
+            "Misnamed": instance(
+                servers.misnamed, **secure | {"caFile": str(misnamed_tls.ca_pem_path)}
             ),
         },
     }

@@ -28,7 +28,7 @@ from producer.errors import InvalidEvent, MailDeliveryDeferred, MailDeliveryFail
 from producer.models import MailEvent
 from worker.config import Config
 from worker.outcomes import Outcomes, declare_events
-from worker.service import Deliverer, Final
+from worker.service import Deliverer, Final, Outcome
 from worker.store import Store, connect
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,22 @@ def create_app(config: Config) -> Celery:
                     state["rt"] = current
         return current
 
+    def deliver(task: Task, items: list[tuple[Any, str]]) -> list[Outcome]:
+        """Run events through the Deliverer, never losing one to an error."""
+        request = task.request
+        queue = (request.delivery_info or {}).get("routing_key") or names.DEFAULT_QUEUE
+        try:
+            return runtime().deliverer.run_many(items, queue)
+        except (redis.RedisError, OperationalError) as exc:
+            # Redis or the broker is away: hand the message back rather than lose it.
+            log.warning("task %s: infrastructure unavailable (%s); requeued", request.id, exc)
+            time.sleep(INFRA_BACKOFF_S)
+            raise Reject(str(exc), requeue=True) from exc
+        except Exception as exc:  # a bug must not lose an event: fail it, keep it for replay
+            log.exception("task %s: unexpected error", request.id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            return [runtime().deliverer.fail_internal(raw, tid, reason) for raw, tid in items]
+
     @app.task(  # type: ignore[untyped-decorator]
         name=names.TASK_NAME,
         bind=True,
@@ -208,20 +224,7 @@ def create_app(config: Config) -> Celery:
     def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Deliver one mail event (contract §3: keyword argument ``event``)."""
         raw = kwargs.get("event", args[0] if args else None)
-        request = self.request
-        queue = (request.delivery_info or {}).get("routing_key") or names.DEFAULT_QUEUE
-        try:
-            outcome = runtime().deliverer.run(raw, request.id, queue)
-        except (redis.RedisError, OperationalError) as exc:
-            # Redis or the broker is away: hand the message back rather than lose it.
-            log.warning("event %s: infrastructure unavailable (%s); requeued", request.id, exc)
-            time.sleep(INFRA_BACKOFF_S)
-            raise Reject(str(exc), requeue=True) from exc
-        except Exception as exc:  # a bug must not lose the event: fail it, keep it for replay
-            log.exception("event %s: unexpected error", request.id)
-            outcome = runtime().deliverer.fail_internal(
-                raw, request.id, f"internal error: {type(exc).__name__}: {exc}"
-            )
+        [outcome] = deliver(self, [(raw, self.request.id)])
         if isinstance(outcome, Final):
             tx = outcome.transaction
             if tx.success:
@@ -233,11 +236,38 @@ def create_app(config: Config) -> Celery:
             when=outcome.delay_s,
         )
 
+    @app.task(  # type: ignore[untyped-decorator]
+        name=names.TASK_BATCH_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        typing=False,
+    )
+    def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:
+        """Deliver several mail events carried by one broker message (keyword ``events``).
+
+        Each event keeps its own id, idempotency record, result, stream entry and instance
+        event; an event without ``eventId`` gets ``<task id>-<index>``.
+        """
+        raws = kwargs.get("events", args[0] if args else None)
+        if not isinstance(raws, list):
+            raws = [raws]
+        items = [(raw, f"{self.request.id}-{i}") for i, raw in enumerate(raws)]
+        outcomes = deliver(self, items)
+        finals = [o.transaction for o in outcomes if isinstance(o, Final)]
+        return {
+            "events": len(outcomes),
+            "delivered": sum(t.success for t in finals),
+            "failed": sum(not t.success for t in finals),
+            "deferred": len(outcomes) - len(finals),
+        }
+
     @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _close_sessions(**_: Any) -> None:
         current = state.get("rt")
         if current is not None and current.pid == os.getpid():
-            current.deliverer.pool.close_all()
+            current.deliverer.close()
 
     @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _close_sessions_main(**_: Any) -> None:

@@ -51,6 +51,7 @@ class InstanceConfig(BaseModel):
     retry_delay_s: float = Field(default=10.0, gt=0)
     retry_delay_max_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=8, ge=1, le=100)
     max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0)
 
     @field_validator("mail_server")

@@ -1,9 +1,13 @@
-"""Delivering one event: idempotency, build, send, record, and the final outcome.
+"""Delivering events: idempotency, build, send, record, and the final outcome.
 
-``Deliverer.run`` is what the Celery task calls. It returns ``Final`` (the transaction, already
-recorded, stored as the task result, logged and published) or ``Deferred`` (already scheduled
-in the retry set). Nothing after the server's 250 can cause a second send: the accepted
-recipients are written to the idempotency record right after it, before anything else.
+``Deliverer.run_many`` is what the Celery tasks call, for one event or a batch. Each event
+ends ``Final`` (its transaction recorded, stored as its task result, logged and published) or
+``Deferred`` (scheduled in the retry set, task state RETRY). The Redis work around the sends
+is pipelined per batch; the sends themselves run concurrently on a per-process thread pool,
+at most ``maxConnections`` at once per instance.
+
+Nothing after the server's 250 can cause a second send: the accepted recipients are written
+to the idempotency record right after it, before anything else.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +30,7 @@ from worker.errors import PermanentError, TransientError
 from worker.message import build_message, message_id_for
 from worker.outcomes import Outcomes
 from worker.smtp import SmtpConnection, with_connection
-from worker.store import EventRecord, Store
+from worker.store import EventRecord, FinalWrite, RetryWrite, Store
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,7 @@ Outcome = Final | Deferred
 class ConnectionPool:
     """SMTP sessions kept open per thread and instance, reused across events."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self._local = threading.local()
         self._all: list[SmtpConnection] = []
         self._lock = threading.Lock()
@@ -101,153 +106,218 @@ def _event_id_of(raw: Any, task_id: str) -> str:
     return task_id
 
 
+@dataclass
+class _Job:
+    """One event of a batch on its way through ``run_many``."""
+
+    index: int
+    event_id: str
+    raw: Any
+    record: EventRecord
+    event: MailEvent | None = None
+    instance: InstanceConfig | None = None
+    token: str | None = None
+    outcome: Outcome | None = None
+    final: FinalWrite | None = None
+    already_published: bool = False
+    retry: RetryWrite | None = None
+
+
 class Deliverer:
-    """Runs one event through build, send and the outcome bookkeeping."""
+    """Runs events through build, send and the outcome bookkeeping."""
 
     def __init__(self, config: Config, store: Store, outcomes: Outcomes) -> None:
         self.config = config
         self.store = store
         self.outcomes = outcomes
-        self.pool = ConnectionPool(config)
+        self.pool = ConnectionPool()
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._slots = {
+            name: threading.BoundedSemaphore(inst.max_connections)
+            for name, inst in config.instances.items()
+        }
 
-    # -- the whole run -----------------------------------------------------------------------
+    # -- entry points ----------------------------------------------------------------------
 
     def run(self, raw: Any, task_id: str, queue: str) -> Outcome:
-        """Deliver the raw event (a JSON object) that arrived as task ``task_id``."""
-        event_id = _event_id_of(raw, task_id)
-        if isinstance(raw, dict) and "eventId" not in raw and "event_id" not in raw:
-            raw = {**raw, "eventId": event_id}
-        record = self.store.begin(event_id, raw, queue)
-        if record.transaction is not None:
-            log.info(
-                "event %s: already final (attempt %d); not sent again", event_id, record.attempts
-            )
-            return self._finish(record.transaction, record.event, already=record.finalized)
+        """Deliver one raw event (a JSON object) that arrived as task ``task_id``."""
+        return self.run_many([(raw, task_id)], queue)[0]
 
-        instance_name = _instance_name_of(raw)
+    def run_many(self, items: list[tuple[Any, str]], queue: str) -> list[Outcome]:
+        """Deliver several raw events; returns one outcome each, in order."""
+        jobs = self._begin(items, queue)
+        sending = self._lock_for_sending([j for j in jobs if j.outcome is None and j.final is None])
+        self._send_all(sending)
         try:
-            event = MailEvent.parse(raw)
-        except InvalidEvent as exc:
-            return self._fail(event_id, instance_name, str(exc), record, raw)
-        instance = self.config.instances.get(event.instance)
-        if instance is None:
-            known = ", ".join(sorted(self.config.instances)) or "none"
-            return self._fail(
-                event_id,
-                event.instance,
-                f"unknown instance {event.instance!r} (configured: {known})",
-                record,
-                raw,
-            )
-
-        # Longer than one attempt can take (each SMTP step is bounded by timeoutS); a worker
-        # killed while holding it delays the event's redelivery by at most this much.
-        lease_s = instance.timeout_s * 4 + 10
-        token = self.store.acquire(event_id, lease_s)
-        if token is None:
-            log.info("event %s: another worker is sending it now; checking again later", event_id)
-            return self._defer(
-                event_id,
-                "another worker is sending this event now",
-                LOCK_BUSY_DELAY_S,
-                record.attempts,
-            )
-        try:
-            return self._attempt(event_id, event, instance, record, raw)
+            self._record(jobs)
         finally:
-            self.store.release(event_id, token)
+            self.store.release_many([(j.event_id, j.token) for j in sending if j.token])
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            assert job.outcome is not None
+            outcomes.append(job.outcome)
+        return outcomes
 
     def fail_internal(self, raw: Any, task_id: str, reason: str) -> Outcome:
         """Final failure for an event that hit an unexpected error (kept as a dead letter)."""
         event_id = _event_id_of(raw, task_id)
         record = self.store.get(event_id) or EventRecord(attempts=1)
+        job = _Job(0, event_id, raw, record)
         if record.transaction is not None:
-            return self._finish(record.transaction, record.event, already=record.finalized)
-        return self._fail(event_id, _instance_name_of(raw), reason, record, raw)
+            self._final(job, record.transaction, already=True)
+        else:
+            self._final(job, self._failure(event_id, _instance_name_of(raw), reason, record))
+        self._record([job])
+        assert job.outcome is not None
+        return job.outcome
 
-    def _attempt(
-        self,
-        event_id: str,
-        event: MailEvent,
-        instance: InstanceConfig,
-        record: EventRecord,
-        raw: Any,
-    ) -> Outcome:
+    # -- phases ----------------------------------------------------------------------------
+
+    def _begin(self, items: list[tuple[Any, str]], queue: str) -> list[_Job]:
+        prepared: list[tuple[str, Any]] = []
+        for raw, task_id in items:
+            event_id = _event_id_of(raw, task_id)
+            if isinstance(raw, dict) and "eventId" not in raw and "event_id" not in raw:
+                raw = {**raw, "eventId": event_id}
+            prepared.append((event_id, raw))
+        records = self.store.begin_many(prepared, queue)
+        jobs: list[_Job] = []
+        for index, ((event_id, raw), record) in enumerate(zip(prepared, records, strict=True)):
+            job = _Job(index, event_id, raw, record)
+            jobs.append(job)
+            if record.transaction is not None:
+                log.info(
+                    "event %s: already final (attempt %d); not sent again",
+                    event_id,
+                    record.attempts,
+                )
+                job.raw = record.event
+                self._final(job, record.transaction, already=True)
+                continue
+            try:
+                job.event = MailEvent.parse(raw)
+            except InvalidEvent as exc:
+                self._final(job, self._failure(event_id, _instance_name_of(raw), str(exc), record))
+                continue
+            job.instance = self.config.instances.get(job.event.instance)
+            if job.instance is None:
+                known = ", ".join(sorted(self.config.instances)) or "none"
+                reason = f"unknown instance {job.event.instance!r} (configured: {known})"
+                self._final(job, self._failure(event_id, job.event.instance, reason, record))
+        return jobs
+
+    def _lock_for_sending(self, jobs: list[_Job]) -> list[_Job]:
+        # Longer than one attempt can take (each SMTP step is bounded by timeoutS); a worker
+        # killed while holding it delays the event's redelivery by at most this much.
+        leases = [(j.event_id, j.instance.timeout_s * 4 + 10) for j in jobs if j.instance]
+        tokens = self.store.acquire_many(leases)
+        sending: list[_Job] = []
+        for job, token in zip(jobs, tokens, strict=True):
+            if token is None:
+                log.info("event %s: another worker is sending it now; later", job.event_id)
+                self._defer(job, "another worker is sending this event now", LOCK_BUSY_DELAY_S)
+            else:
+                job.token = token
+                sending.append(job)
+        return sending
+
+    def _send_all(self, jobs: list[_Job]) -> None:
+        if len(jobs) <= 1:
+            for job in jobs:
+                self._attempt(job)
+            return
+        executor = self._pool_executor()
+        list(executor.map(self._attempt, jobs))
+
+    def _pool_executor(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                size = max((i.max_connections for i in self.config.instances.values()), default=1)
+                self._executor = ThreadPoolExecutor(size, thread_name_prefix="mailsender-smtp")
+            return self._executor
+
+    def _record(self, jobs: list[_Job]) -> None:
+        """Finals in one pipeline, then the instance events, then the published marks."""
+        finals = [j.final for j in jobs if j.final is not None]
+        self.store.record_finals(finals)
+        fresh = [j for j in jobs if j.final is not None and not j.already_published]
+        self.outcomes.publish([j.final.transaction for j in fresh if j.final is not None])
+        self.store.mark_published([j.event_id for j in fresh])
+        self.store.schedule_retries([j.retry for j in jobs if j.retry is not None])
+
+    # -- one event's attempt (runs on a pool thread) --------------------------------------
+
+    def _attempt(self, job: _Job) -> None:
+        event, instance, record = job.event, job.instance, job.record
+        assert event is not None and instance is not None
         accepted = list(record.accepted)
         refused = dict(record.refused)
-        try:
-            built = build_message(event, instance, attachment_root=self.config.attachment_root)
-            todo = [r for r in built.recipients if r not in accepted and r not in refused]
-            conn = self.pool.get(event.instance, instance)
-            sent = with_connection(conn, lambda c: c.send(built, todo))
-        except PermanentError as exc:
-            log.warning("event %s: attempt %d failed for good: %s", event_id, record.attempts, exc)
-            return self._conclude(
-                event_id, event, instance, record, raw, accepted, refused, failure=str(exc)
+        with self._slots[event.instance]:
+            try:
+                built = build_message(event, instance, attachment_root=self.config.attachment_root)
+                todo = [r for r in built.recipients if r not in accepted and r not in refused]
+                conn = self.pool.get(event.instance, instance)
+                where = conn.where
+                sent = with_connection(conn, _sender(built, todo)) if todo else None
+            except PermanentError as exc:
+                log.warning(
+                    "event %s: attempt %d failed for good: %s", job.event_id, record.attempts, exc
+                )
+                self._conclude(job, accepted, refused, failure=str(exc))
+                return
+            except TransientError as exc:
+                log.info(
+                    "event %s: attempt %d failed, may retry: %s",
+                    job.event_id,
+                    record.attempts,
+                    exc,
+                )
+                if record.attempts <= instance.max_retries:
+                    self._defer_backoff(job, str(exc))
+                else:
+                    failure = f"{exc} (gave up after {record.attempts} attempts)"
+                    self._conclude(job, accepted, refused, failure=failure)
+                return
+        deferred: dict[str, str] = {}
+        if sent is not None:
+            accepted += sent.accepted
+            refused.update(sent.refused)
+            deferred = sent.deferred
+            if sent.accepted or sent.refused:
+                # The server has the mail now: this write comes before anything else can fail.
+                self.store.record_progress(job.event_id, accepted, refused)
+            log.info(
+                "event %s: attempt %d: %d accepted, %d refused, %d deferred by %s",
+                job.event_id,
+                record.attempts,
+                len(sent.accepted),
+                len(sent.refused),
+                len(sent.deferred),
+                where,
             )
-        except TransientError as exc:
-            log.info("event %s: attempt %d failed, may retry: %s", event_id, record.attempts, exc)
+        if deferred:
+            reason = "deferred: " + "; ".join(f"{a}: {r}" for a, r in deferred.items())
             if record.attempts <= instance.max_retries:
-                return self._defer_backoff(event_id, instance, str(exc), record.attempts)
-            return self._conclude(
-                event_id,
-                event,
-                instance,
-                record,
-                raw,
-                accepted,
-                refused,
-                failure=f"{exc} (gave up after {record.attempts} attempts)",
-            )
-
-        message_id = built.message_id
-        accepted += sent.accepted
-        refused.update(sent.refused)
-        if sent.accepted or sent.refused:
-            # The server has the mail now: this write comes before anything else can fail.
-            self.store.record_progress(event_id, accepted, refused)
-        log.info(
-            "event %s: attempt %d: %d accepted, %d refused, %d deferred by %s",
-            event_id,
-            record.attempts,
-            len(sent.accepted),
-            len(sent.refused),
-            len(sent.deferred),
-            conn.where,
-        )
-        if sent.deferred:
-            reason = "deferred: " + "; ".join(f"{a}: {r}" for a, r in sent.deferred.items())
-            if record.attempts <= instance.max_retries:
-                return self._defer_backoff(event_id, instance, reason, record.attempts)
-            refused.update(sent.deferred)
-        return self._conclude(
-            event_id,
-            event,
-            instance,
-            record,
-            raw,
-            accepted,
-            refused,
-            message_id=message_id,
-            where=conn.where,
-        )
+                self._defer_backoff(job, reason)
+                return
+            refused.update(deferred)
+        self._conclude(job, accepted, refused, message_id=built.message_id, where=where)
 
     # -- outcomes --------------------------------------------------------------------------
 
     def _conclude(
         self,
-        event_id: str,
-        event: MailEvent,
-        instance: InstanceConfig,
-        record: EventRecord,
-        raw: Any,
+        job: _Job,
         accepted: list[str],
         refused: dict[str, str],
         *,
         failure: str = "",
         message_id: str = "",
         where: str = "",
-    ) -> Outcome:
+    ) -> None:
+        event, instance = job.event, job.instance
+        assert event is not None and instance is not None
         success = bool(accepted)
         if success:
             text = f"sent to {len(accepted)} recipient(s)" + (f" via {where}" if where else "")
@@ -262,7 +332,7 @@ class Deliverer:
                 f"{a}: {r}" for a, r in refused.items()
             )
         tx = Transaction(
-            event_id=event_id,
+            event_id=job.event_id,
             instance=event.instance,
             interface=instance.interface or event.instance,
             endpoint=instance.endpoint,
@@ -270,18 +340,19 @@ class Deliverer:
             count=1 if success else 0,
             message=text,
             timestamp=utc_now(),
-            message_id=message_id or message_id_for(event_id, instance.sender_address),
+            message_id=message_id or message_id_for(job.event_id, instance.sender_address),
             recipients=accepted,
             refused=refused,
-            attempts=record.attempts,
+            attempts=job.record.attempts,
         )
-        return self._finish(tx, raw)
+        self._final(job, tx)
 
-    def _fail(
-        self, event_id: str, instance: str, reason: str, record: EventRecord, raw: Any
-    ) -> Outcome:
+    def _failure(
+        self, event_id: str, instance: str, reason: str, record: EventRecord
+    ) -> Transaction:
+        log.warning("event %s: cannot be sent: %s", event_id, reason)
         inst = self.config.instances.get(instance)
-        tx = Transaction(
+        return Transaction(
             event_id=event_id,
             instance=instance,
             interface=(inst.interface if inst else "") or instance,
@@ -292,30 +363,33 @@ class Deliverer:
             timestamp=utc_now(),
             attempts=record.attempts,
         )
-        log.warning("event %s: cannot be sent: %s", event_id, reason)
-        return self._finish(tx, raw)
 
-    def _finish(self, tx: Transaction, raw: Any, *, already: bool = False) -> Final:
-        """Record, store the result, log and publish; each step safe to repeat."""
-        self.store.record_final(tx)
-        if tx.success:
-            self.outcomes.store_success(tx)
-        else:
-            self.outcomes.store_failure(tx)
-        if not already:
-            self.outcomes.publish(tx)
-            self.store.log_outcome(tx, raw)
-        return Final(tx)
+    def _final(self, job: _Job, tx: Transaction, *, already: bool = False) -> None:
+        logged = already and job.record.logged
+        job.already_published = already and job.record.finalized
+        job.final = FinalWrite(tx, job.raw, self.outcomes.final_result(tx), logged=logged)
+        job.outcome = Final(tx)
 
-    def _defer_backoff(
-        self, event_id: str, instance: InstanceConfig, reason: str, attempt: int
-    ) -> Deferred:
-        delay = backoff_s(attempt, instance.retry_delay_s, instance.retry_delay_max_s)
-        return self._defer(event_id, reason, delay, attempt)
+    def _defer_backoff(self, job: _Job, reason: str) -> None:
+        assert job.instance is not None
+        attempt = job.record.attempts
+        delay = backoff_s(attempt, job.instance.retry_delay_s, job.instance.retry_delay_max_s)
+        self._defer(job, reason, delay)
 
-    def _defer(self, event_id: str, reason: str, delay_s: float, attempt: int) -> Deferred:
+    def _defer(self, job: _Job, reason: str, delay_s: float) -> None:
         due = time.time() + delay_s
-        self.store.schedule_retry(event_id, due)
         next_at = datetime.fromtimestamp(due, UTC).isoformat()
-        self.outcomes.store_retry(event_id, reason, attempt, next_at)
-        return Deferred(reason, delay_s, attempt)
+        attempt = job.record.attempts
+        result = self.outcomes.retry_result(job.event_id, reason, attempt, next_at)
+        job.retry = RetryWrite(job.event_id, due, result)
+        job.outcome = Deferred(reason, delay_s, attempt)
+
+    def close(self) -> None:
+        """Close SMTP sessions and the thread pool."""
+        self.pool.close_all()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+def _sender(built: Any, todo: list[str]) -> Callable[[SmtpConnection], Any]:
+    return lambda connection: connection.send(built, todo)

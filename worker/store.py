@@ -4,7 +4,8 @@ Keys (all under ``mailsender:``):
 
 - ``event:<id>`` hash — the idempotency record: ``attempts``, the raw ``event`` (for retries
   and replay), the ``queue`` it came from, recipients ``accepted`` and ``refused`` so far, the
-  final ``transaction`` and whether it was ``finalized`` (stream entry + instance event done).
+  final ``transaction``, whether it was ``logged`` (stream entry, dead letter) and
+  ``finalized`` (instance event published).
   Expires ``idempotency_ttl_s`` after the last attempt.
 - ``lock:<id>`` — held while one worker talks SMTP for the event.
 - ``retries`` sorted set — event ids waiting for their next attempt, scored by due time (ms).
@@ -86,7 +87,31 @@ class EventRecord:
     accepted: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     transaction: Transaction | None = None
+    logged: bool = False
     finalized: bool = False
+
+
+ResultWrite = tuple[str, str, int]
+"""A task result to store: (key, encoded meta, expiry in seconds)."""
+
+
+@dataclass(frozen=True)
+class FinalWrite:
+    """A final outcome to record."""
+
+    transaction: Transaction
+    raw_event: Any
+    result: ResultWrite | None
+    logged: bool = False
+
+
+@dataclass(frozen=True)
+class RetryWrite:
+    """A deferred event to schedule."""
+
+    event_id: str
+    due_s: float
+    result: ResultWrite
 
 
 @dataclass(frozen=True)
@@ -122,15 +147,20 @@ class Store:
 
     def begin(self, event_id: str, raw_event: Any, queue: str) -> EventRecord:
         """Count this run as an attempt and return the record, in one round trip."""
-        key = event_key(event_id)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(key, "attempts", 1)
-        pipe.hsetnx(key, "event", json.dumps(raw_event))
-        pipe.hsetnx(key, "queue", queue)
-        pipe.pexpire(key, self.ttl_ms)
-        pipe.hgetall(key)
+        return self.begin_many([(event_id, raw_event)], queue)[0]
+
+    def begin_many(self, events: list[tuple[str, Any]], queue: str) -> list[EventRecord]:
+        """``begin`` for several events in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for event_id, raw_event in events:
+            key = event_key(event_id)
+            pipe.hincrby(key, "attempts", 1)
+            pipe.hsetnx(key, "event", json.dumps(raw_event))
+            pipe.hsetnx(key, "queue", queue)
+            pipe.pexpire(key, self.ttl_ms)
+            pipe.hgetall(key)
         values = pipe.execute()
-        return self._record(cast(dict[str, str], values[-1]))
+        return [self._record(cast(dict[str, str], values[i * 5 + 4])) for i in range(len(events))]
 
     def get(self, event_id: str) -> EventRecord | None:
         """The record of ``event_id``, or None."""
@@ -147,6 +177,7 @@ class Store:
             accepted=json.loads(data.get("accepted", "[]")),
             refused=json.loads(data.get("refused", "{}")),
             transaction=Transaction.model_validate_json(tx) if tx else None,
+            logged=data.get("logged") == "1",
             finalized=data.get("finalized") == "1",
         )
 
@@ -157,40 +188,58 @@ class Store:
             mapping={"accepted": json.dumps(accepted), "refused": json.dumps(refused)},
         )
 
-    def record_final(self, transaction: Transaction) -> None:
-        """Remember the final transaction: from now on the event is never sent again."""
-        key = event_key(transaction.event_id)
+    def record_finals(self, finals: list[FinalWrite]) -> None:
+        """Write final outcomes in one round trip: the transaction into the record (from now on
+        the event is never sent again), the task result, and — once per event — the stream
+        entry and, for a failure, the dead letter."""
+        if not finals:
+            return
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(key, "transaction", transaction.model_dump_json(by_alias=True))
-        pipe.pexpire(key, self.ttl_ms)
+        failures = False
+        for final in finals:
+            tx = final.transaction
+            key = event_key(tx.event_id)
+            tx_json = tx.model_dump_json(by_alias=True)
+            pipe.hset(key, "transaction", tx_json)
+            pipe.pexpire(key, self.ttl_ms)
+            if final.result is not None:
+                result_key, value, expires_s = final.result
+                pipe.setex(result_key, expires_s, value)
+                pipe.publish(result_key, value)
+            if final.logged:
+                continue
+            pipe.xadd(
+                names.TRANSACTIONS_STREAM,
+                {"transaction": tx_json},
+                maxlen=self.transactions_max,
+                approximate=True,
+            )
+            if not tx.success:
+                failures = True
+                letter = {
+                    "eventId": tx.event_id,
+                    "instance": tx.instance,
+                    "reason": tx.message,
+                    "attempts": tx.attempts,
+                    "failedAt": tx.timestamp.isoformat(),
+                    "event": final.raw_event,
+                    "transaction": json.loads(tx_json),
+                }
+                pipe.hset(DEAD_KEY, tx.event_id, json.dumps(letter))
+                pipe.zadd(DEAD_INDEX_KEY, {tx.event_id: time.time()})
+            pipe.hset(key, "logged", "1")
         pipe.execute()
-
-    def log_outcome(self, transaction: Transaction, raw_event: Any) -> None:
-        """Stream entry, dead letter (for failures) and the ``finalized`` mark, atomically."""
-        tx_json = transaction.model_dump_json(by_alias=True)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(
-            names.TRANSACTIONS_STREAM,
-            {"transaction": tx_json},
-            maxlen=self.transactions_max,
-            approximate=True,
-        )
-        if not transaction.success:
-            letter = {
-                "eventId": transaction.event_id,
-                "instance": transaction.instance,
-                "reason": transaction.message,
-                "attempts": transaction.attempts,
-                "failedAt": transaction.timestamp.isoformat(),
-                "event": raw_event,
-                "transaction": json.loads(tx_json),
-            }
-            pipe.hset(DEAD_KEY, transaction.event_id, json.dumps(letter))
-            pipe.zadd(DEAD_INDEX_KEY, {transaction.event_id: time.time()})
-        pipe.hset(event_key(transaction.event_id), "finalized", "1")
-        pipe.execute()
-        if not transaction.success:
+        if failures:
             self._trim_dead_letters()
+
+    def mark_published(self, event_ids: list[str]) -> None:
+        """The instance events of these events are out: nothing is left to repeat."""
+        if not event_ids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.hset(event_key(event_id), "finalized", "1")
+        pipe.execute()
 
     def _trim_dead_letters(self) -> None:
         excess = int(self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
@@ -206,19 +255,46 @@ class Store:
 
     def acquire(self, event_id: str, lease_s: float) -> str | None:
         """Take the send lock for ``lease_s`` seconds; None when another worker holds it."""
-        token = uuid.uuid4().hex
-        ok = self.r.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
-        return token if ok else None
+        return self.acquire_many([(event_id, lease_s)])[0]
+
+    def acquire_many(self, leases: list[tuple[str, float]]) -> list[str | None]:
+        """``acquire`` for several events in one round trip."""
+        if not leases:
+            return []
+        tokens = [uuid.uuid4().hex for _ in leases]
+        pipe = self.r.pipeline(transaction=False)
+        for (event_id, lease_s), token in zip(leases, tokens, strict=True):
+            pipe.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
+        results = pipe.execute()
+        return [t if ok else None for t, ok in zip(tokens, results, strict=True)]
 
     def release(self, event_id: str, token: str) -> None:
         """Give the lock back if it is still ours."""
-        self._release(keys=[lock_key(event_id)], args=[token])
+        self.release_many([(event_id, token)])
+
+    def release_many(self, held: list[tuple[str, str]]) -> None:
+        """``release`` for several locks in one round trip."""
+        if not held:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for event_id, token in held:
+            self._release(keys=[lock_key(event_id)], args=[token], client=pipe)
+        pipe.execute()
 
     # -- retries -----------------------------------------------------------------------------
 
-    def schedule_retry(self, event_id: str, due_s: float) -> None:
-        """Let ``event_id`` wait until ``due_s`` (epoch seconds) for its next attempt."""
-        self.r.zadd(RETRIES_KEY, {event_id: int(due_s * 1000)})
+    def schedule_retries(self, retries: list[RetryWrite]) -> None:
+        """Let each event wait until its due time (epoch seconds) for its next attempt, with the
+        task state RETRY, in one round trip."""
+        if not retries:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for retry in retries:
+            pipe.zadd(RETRIES_KEY, {retry.event_id: int(retry.due_s * 1000)})
+            result_key, value, expires_s = retry.result
+            pipe.setex(result_key, expires_s, value)
+            pipe.publish(result_key, value)
+        pipe.execute()
 
     def claim_due(self, lease_s: float, limit: int = 100) -> list[DueRetry]:
         """Take due retries for publishing; each stays claimed ``lease_s`` until confirmed."""

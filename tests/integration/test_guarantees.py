@@ -308,7 +308,7 @@ def test_same_event_enqueued_concurrently_is_sent_once(
         event_id="same-event-twice",
     )
     try:
-        producer.send_many([event, event, event])
+        producer.send_many([event, event, event], batch_size=1)
         tx = producer.receipt(event.event_id).wait(timeout_s=30)
         time.sleep(3)  # let every copy run
     finally:
