@@ -59,6 +59,7 @@ class Servers:
     self_signed: TestSmtpServer  # STARTTLS with an unknown CA, no AUTH (useSsl false)
     limited: TestSmtpServer  # at most 2 RCPT per transaction
     sized: TestSmtpServer  # SIZE 1 MiB
+    implicit: TestSmtpServer  # TLS from the first byte (port 465 style), AUTH
     misnamed: TestSmtpServer  # STARTTLS + AUTH, certificate for mail.example.test only
 
     def all(self) -> list[TestSmtpServer]:
@@ -79,6 +80,7 @@ def servers(
         self_signed=TestSmtpServer(tls=untrusted_tls),
         limited=TestSmtpServer(max_rcpt_per_transaction=2),
         sized=TestSmtpServer(size_limit=1024 * 1024),
+        implicit=TestSmtpServer(tls=trusted_tls, implicit_tls=True, users=users),
         misnamed=TestSmtpServer(tls=misnamed_tls, users=users, require_starttls=True),
     )
     for server in s.all():
@@ -141,6 +143,21 @@ def fleet_config(
             "Limited": instance(servers.limited),
             "Sized": instance(servers.sized),
             "Down": instance(servers.plain, port=free_port(), maxRetries=1),
+            "Implicit": instance(
+                servers.implicit,
+                mailServer="localhost",
+                tls="implicit",
+                **{k: v for k, v in secure.items() if k != "useSsl"},
+            ),
+            "ImplicitOnStarttlsPort": instance(
+                servers.secure,
+                mailServer="localhost",
+                tls="implicit",
+                **{k: v for k, v in secure.items() if k != "useSsl"},
+            ),
+            "StarttlsOnImplicitPort": instance(
+                servers.implicit, mailServer="localhost", timeoutS=1, maxRetries=0, **secure
+            ),
             # An empty userName means no AUTH, whatever the password says (test_parameters).
             "PlainEmptyUser": instance(servers.plain, userName="", password="not-used"),
             # The right server and TLS, the wrong password: AUTH is rejected (test_parameters).

@@ -10,10 +10,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from producer import names
@@ -38,6 +46,7 @@ class InstanceConfig(BaseModel):
     mail_server: str = Field(min_length=1)
     port: int = Field(default=25, ge=1, le=65535)
     use_ssl: bool = False
+    tls: Literal["starttls", "implicit", "none"] | None = None
     use_default_credentials: bool = False
     user_name: str = ""
     password: SecretStr = SecretStr("")
@@ -87,6 +96,17 @@ class InstanceConfig(BaseModel):
         if value is not None and not value.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> InstanceConfig:
+        if self.use_ssl and self.tls == "none":
+            raise ValueError("useSsl: true contradicts tls: none")
+        return self
+
+    @property
+    def tls_mode(self) -> str:
+        """``starttls``, ``implicit`` or ``none``: ``tls`` if set, else from ``useSsl``."""
+        return self.tls or ("starttls" if self.use_ssl else "none")
 
     @property
     def sender_address(self) -> str:
@@ -149,7 +169,7 @@ def _describe(prefix: str, exc: ValidationError) -> list[str]:
             msg = "is not a known key"
         elif err["type"] == "missing":
             msg = "is required"
-        out.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.')}: {msg}")
+        out.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix}{msg}")
     return out
 
 

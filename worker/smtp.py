@@ -108,19 +108,16 @@ class SmtpConnection:
         """Connect, EHLO, STARTTLS and AUTH as configured. Raises ``DeliveryError``."""
         self.close()
         inst = self.instance
+        mode = inst.tls_mode
         with self._mapped("connect"):
             try:
-                smtp = smtplib.SMTP(
-                    inst.mail_server,
-                    inst.port,
-                    local_hostname=LOCAL_HOSTNAME,
-                    timeout=inst.timeout_s,
-                )
+                smtp = self._connect(mode)
             except smtplib.SMTPConnectError as exc:
                 raise self._reply_error("connect", exc.smtp_code, exc.smtp_error) from None
             self._smtp = smtp
+            self.tls_active = mode == "implicit"
             self._ehlo(smtp)
-            if inst.use_ssl:
+            if mode == "starttls":
                 if not smtp.has_extn("starttls"):
                     raise PermanentError(
                         f"STARTTLS is required (useSsl) but the server {self.where} does not "
@@ -132,6 +129,40 @@ class SmtpConnection:
             self._authenticate(smtp)
         self.messages_sent = 0
         self.last_used = time.monotonic()
+
+    def _connect(self, mode: str) -> smtplib.SMTP:
+        inst = self.instance
+        if mode != "implicit":
+            try:
+                return smtplib.SMTP(
+                    inst.mail_server,
+                    inst.port,
+                    local_hostname=LOCAL_HOSTNAME,
+                    timeout=inst.timeout_s,
+                )
+            except (TimeoutError, smtplib.SMTPServerDisconnected) as exc:
+                if "timed out" not in str(exc) and not isinstance(exc, TimeoutError):
+                    raise
+                raise TransientError(
+                    f"connect at {self.where}: timed out after {inst.timeout_s:g} s without an "
+                    "SMTP greeting (if this port expects TLS from the first byte, "
+                    "set tls: implicit)"
+                ) from None
+        try:
+            return smtplib.SMTP_SSL(
+                inst.mail_server,
+                inst.port,
+                local_hostname=LOCAL_HOSTNAME,
+                timeout=inst.timeout_s,
+                context=tls_context(inst),
+            )
+        except ssl.SSLError as exc:
+            if exc.reason == "WRONG_VERSION_NUMBER":
+                raise PermanentError(
+                    f"implicit TLS with {self.where} failed: the server answered in plain text; "
+                    "for a STARTTLS port (usually 587 or 25) set tls: starttls"
+                ) from None
+            raise
 
     def _ehlo(self, smtp: smtplib.SMTP) -> None:
         code, text = smtp.ehlo()
