@@ -7,11 +7,13 @@ that knows the task name ``mailsender.send``, JSON only.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
@@ -28,6 +30,9 @@ PUBLISH_RETRY_POLICY: dict[str, float] = {
     "interval_max": 2.0,
 }
 """How long ``send`` keeps trying to reach the broker before it raises ``EnqueueFailed``."""
+
+ROUTES_TTL_S = 30.0
+"""How long a producer trusts the instance → queue table it read."""
 
 DEFAULT_BATCH_SIZE = 50
 """Events per broker message in ``send_many``."""
@@ -110,7 +115,7 @@ class MailProducer:
         broker_url: str | None = None,
         result_backend: str | None = None,
         *,
-        queue: str = names.DEFAULT_QUEUE,
+        queue: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         self.broker_url = (
@@ -122,6 +127,31 @@ class MailProducer:
         self.queue = queue
         self.batch_size = batch_size
         self.app = make_client_app(self.broker_url, self.result_backend)
+        self._routes: dict[str, str] = {}
+        self._routes_read_at = -ROUTES_TTL_S
+
+    def queue_for(self, instance: str) -> str:
+        """The queue for ``instance``: the one given to the producer, else the instance's own
+        queue as the workers published it (``mailsender:routes``), else ``mailsender``."""
+        if self.queue:
+            return self.queue
+        now = time.monotonic()
+        if now - self._routes_read_at > ROUTES_TTL_S:
+            self._routes_read_at = now
+            self._routes = self._read_routes()
+        return self._routes.get(instance, names.DEFAULT_QUEUE)
+
+    def _read_routes(self) -> dict[str, str]:
+        if not self.result_backend.startswith(("redis://", "rediss://", "unix://")):
+            return {}
+        try:
+            client = redis.Redis.from_url(
+                self.result_backend, decode_responses=True, socket_connect_timeout=2
+            )
+            with client:
+                return cast(dict[str, str], client.hgetall(names.ROUTES_KEY))
+        except redis.RedisError:
+            return {}  # workers forward misrouted events to their instance's queue
 
     def send(self, event: MailEvent | dict[str, Any]) -> Receipt:
         """Validate and enqueue one event.
@@ -145,19 +175,26 @@ class MailProducer:
         """
         parsed = [MailEvent.parse(e) for e in events]
         size = max(1, batch_size or self.batch_size)
+        by_queue: dict[str, list[MailEvent]] = {}
+        for event in parsed:
+            by_queue.setdefault(self.queue_for(event.instance), []).append(event)
+        chunks = [
+            (queue, group[start : start + size])
+            for queue, group in by_queue.items()
+            for start in range(0, len(group), size)
+        ]
         enqueued = 0
         try:
             with self.app.producer_or_acquire() as producer:
-                for start in range(0, len(parsed), size):
-                    chunk = parsed[start : start + size]
+                for queue, chunk in chunks:
                     if len(chunk) == 1:
-                        self._publish_one(chunk[0], producer)
+                        self._publish_one(chunk[0], queue, producer)
                     else:
                         self.app.send_task(
                             names.TASK_BATCH_NAME,
                             kwargs={"events": [e.to_json() for e in chunk]},
                             task_id=str(uuid.uuid4()),
-                            queue=self.queue,
+                            queue=queue,
                             producer=producer,
                             kwargsrepr=batch_summary_of(chunk),
                             argsrepr="()",
@@ -173,12 +210,12 @@ class MailProducer:
             ) from exc
         return [Receipt(e.event_id, self.app) for e in parsed]
 
-    def _publish_one(self, event: MailEvent, producer: Any) -> None:
+    def _publish_one(self, event: MailEvent, queue: str, producer: Any) -> None:
         self.app.send_task(
             names.TASK_NAME,
             kwargs={"event": event.to_json()},
             task_id=event.event_id,
-            queue=self.queue,
+            queue=queue,
             producer=producer,
             kwargsrepr=summary_of(event),
             argsrepr="()",

@@ -25,6 +25,10 @@ TRANSACTIONS_STREAM: Final = "mailsender:transactions"
 KEY_PREFIX: Final = "mailsender:"
 """Prefix of every other Redis key the worker keeps (idempotency, retries, dead letters)."""
 
+ROUTES_KEY: Final = "mailsender:routes"
+"""Redis hash (result backend) instance → queue, written by workers, read by producers."""
+
+
 DEFAULT_BROKER_URL: Final = "redis://localhost:6379/0"
 ENV_BROKER_URL: Final = "MAILSENDER_BROKER_URL"
 ENV_RESULT_BACKEND: Final = "MAILSENDER_RESULT_BACKEND"

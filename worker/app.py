@@ -20,6 +20,8 @@ import redis
 from celery import Celery, Task, bootsteps, signals
 from celery.exceptions import Reject, Retry
 from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from producer import names
@@ -80,6 +82,10 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
         except OperationalError as exc:
             log.error("cannot declare the events queue yet: %s", exc)
         store = make_store(config)
+        try:
+            store.publish_routes({name: config.queue_of(name) for name in config.instances})
+        except redis.RedisError as exc:
+            log.error("cannot publish the instance routes yet: %s", exc)
         self._thread = threading.Thread(
             target=self._loop, args=(app, store), name="mailsender-retry-pump", daemon=True
         )
@@ -97,6 +103,30 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
             except Exception as exc:  # keep pumping through Redis or broker outages
                 log.warning("retry pump: %s", exc)
                 self._stop.wait(INFRA_BACKOFF_S)
+
+
+class SafeRequest(Request):  # type: ignore[misc]
+    """A task request whose acknowledgement survives a broker connection lost mid-task.
+
+    With the Redis transport, acknowledging on a channel whose connection just dropped raises
+    AttributeError deep in kombu, which Celery treats as unrecoverable and the worker dies.
+    The message is restored to the queue by the transport anyway; its redelivery finds the
+    event final in the idempotency record, so it is not sent again.
+    """
+
+    def acknowledge(self) -> None:
+        try:
+            super().acknowledge()
+        except AttributeError as exc:
+            log.warning("task %s: ack lost with the broker connection (%s)", self.id, exc)
+            self.acknowledged = True
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue)
+        except AttributeError as exc:
+            log.warning("task %s: reject lost with the broker connection (%s)", self.id, exc)
+            self.acknowledged = True
 
 
 class KeepingConsumer(Consumer):  # type: ignore[misc]
@@ -179,6 +209,7 @@ def create_app(config: Config) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         mailsender_config=config,
         worker_consumer="worker.app:KeepingConsumer",
+        task_queues=[Queue(name, routing_key=name) for name in config.queues],
     )
     app.steps["worker"].add(RetryPump)
 
@@ -200,6 +231,9 @@ def create_app(config: Config) -> Celery:
         """Run events through the Deliverer, never losing one to an error."""
         request = task.request
         queue = (request.delivery_info or {}).get("routing_key") or names.DEFAULT_QUEUE
+        items = forward_misrouted(items, queue)
+        if not items:
+            return []
         try:
             return runtime().deliverer.run_many(items, queue)
         except (redis.RedisError, OperationalError) as exc:
@@ -212,19 +246,37 @@ def create_app(config: Config) -> Celery:
             reason = f"internal error: {type(exc).__name__}: {exc}"
             return [runtime().deliverer.fail_internal(raw, tid, reason) for raw, tid in items]
 
+    def forward_misrouted(items: list[tuple[Any, str]], queue: str) -> list[tuple[Any, str]]:
+        """Events for an instance with its own queue that came on another: move them there."""
+        local: list[tuple[Any, str]] = []
+        for raw, task_id in items:
+            name = raw.get("instance") if isinstance(raw, dict) else None
+            target = config.queue_of(name) if isinstance(name, str) else queue
+            if target == queue:
+                local.append((raw, task_id))
+                continue
+            event_id = raw.get("eventId") or raw.get("event_id") or task_id
+            log.info("event %s: forwarded from queue %s to %s", event_id, queue, target)
+            enqueue_raw(app, raw, str(event_id), target)
+        return local
+
     @app.task(  # type: ignore[untyped-decorator]
         name=names.TASK_NAME,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
+        Request=SafeRequest,
         throws=(MailDeliveryFailed,),
         typing=False,
     )
     def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Deliver one mail event (contract §3: keyword argument ``event``)."""
         raw = kwargs.get("event", args[0] if args else None)
-        [outcome] = deliver(self, [(raw, self.request.id)])
+        outcomes = deliver(self, [(raw, self.request.id)])
+        if not outcomes:
+            return {"forwarded": True}
+        [outcome] = outcomes
         if isinstance(outcome, Final):
             tx = outcome.transaction
             if tx.success:
@@ -242,6 +294,7 @@ def create_app(config: Config) -> Celery:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
+        Request=SafeRequest,
         typing=False,
     )
     def send_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, int]:

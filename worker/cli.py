@@ -347,7 +347,12 @@ def replay(event_ids: tuple[str, ...]) -> None:
             if letter is None:
                 missing.append(event_id)
                 continue
-            enqueue_raw(producer.app, letter["event"], event_id, producer.queue)
+            enqueue_raw(
+                producer.app,
+                letter["event"],
+                event_id,
+                producer.queue_for(str(letter.get("instance", ""))),
+            )
             out.print(f"replayed {event_id}")
         if missing:
             fail(f"no failed event with id {', '.join(missing)}")

@@ -36,6 +36,27 @@ _VAR = re.compile(r"\$\{([^}]*)\}")
 _INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_WINDOWS_S = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+}
+
+
+def parse_rate_limit(value: str) -> tuple[int, float]:
+    """``"100/m"`` → (100, 60.0). Raises ``ValueError`` for anything else."""
+    match = _RATE.match(value)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"{value!r} is not a rate like '10/s', '600/m' or '5000/h'")
+    return int(match.group(1)), _WINDOWS_S[match.group(2)]
+
+
 class InstanceConfig(BaseModel):
     """One configured sender instance; the seed's parameter names, camelCase or snake_case."""
 
@@ -61,6 +82,8 @@ class InstanceConfig(BaseModel):
     retry_delay_max_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=8, ge=1, le=100)
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")
+    rate_limit: str | None = None
     max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0)
 
     @field_validator("mail_server")
@@ -97,6 +120,18 @@ class InstanceConfig(BaseModel):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_ok(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate_limit(value)
+        return value
+
+    @property
+    def rate(self) -> tuple[int, float] | None:
+        """``rateLimit`` as (mails, window in seconds), or None."""
+        return parse_rate_limit(self.rate_limit) if self.rate_limit else None
+
     @model_validator(mode="after")
     def _tls_consistent(self) -> InstanceConfig:
         if self.use_ssl and self.tls == "none":
@@ -132,6 +167,17 @@ class Config(BaseModel):
     def backend_url(self) -> str:
         """The result backend's URL (the broker's when not set)."""
         return self.result_backend or self.broker_url
+
+    def queue_of(self, instance: str) -> str:
+        """The Celery queue an instance's events are routed to."""
+        inst = self.instances.get(instance)
+        return (inst.queue if inst else None) or names.DEFAULT_QUEUE
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue a worker of this configuration consumes by default."""
+        extra = sorted({i.queue for i in self.instances.values() if i.queue})
+        return [names.DEFAULT_QUEUE, *[q for q in extra if q != names.DEFAULT_QUEUE]]
 
     def interface_of(self, instance: str) -> str:
         """The interface an instance's transactions are grouped under."""

@@ -229,7 +229,11 @@ def build_message(
             or "application/octet-stream"
         )
         maintype, subtype = content_type.split("/", 1)
-        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        try:
+            check_header_text(filename)
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+        except ValueError as exc:
+            raise PermanentError(f"attachment file name {filename!r} refused: {exc}") from None
         _check_filename(msg, filename)
 
     needs_utf8 = any(not a.addr_spec.isascii() for a in [sender, *to, *cc, *bcc])

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_REOPEN_S = 30.0
 LOCK_BUSY_DELAY_S = 2.0
+PUBLISH_CLAIM_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class Deliverer:
     def run_many(self, items: list[tuple[Any, str]], queue: str) -> list[Outcome]:
         """Deliver several raw events; returns one outcome each, in order."""
         jobs = self._begin(items, queue)
-        sending = self._lock_for_sending([j for j in jobs if j.outcome is None and j.final is None])
+        ready = self._within_rate_limits([j for j in jobs if j.outcome is None])
+        sending = self._lock_for_sending(ready)
         self._send_all(sending)
         try:
             self._record(jobs)
@@ -207,6 +209,30 @@ class Deliverer:
                 self._final(job, self._failure(event_id, job.event.instance, reason, record))
         return jobs
 
+    def _within_rate_limits(self, jobs: list[_Job]) -> list[_Job]:
+        """Jobs the fleet-wide ``rateLimit`` of their instance allows now; the rest wait."""
+        by_instance: dict[str, list[_Job]] = {}
+        for job in jobs:
+            assert job.event is not None
+            by_instance.setdefault(job.event.instance, []).append(job)
+        ready: list[_Job] = []
+        for name, group in by_instance.items():
+            rate = self.config.instances[name].rate
+            if rate is None:
+                ready += group
+                continue
+            limit, window_s = rate
+            granted = self.store.take_tokens(name, len(group), limit, window_s)
+            ready += group[:granted]
+            wait_s = window_s - (time.time() % window_s)
+            for i, job in enumerate(group[granted:]):
+                # Spread the waiting ones over the next window instead of a thundering herd.
+                delay = wait_s + window_s * (i % limit) / limit
+                self._defer(
+                    job, f"rate limit {self.config.instances[name].rate_limit}", delay, counts=False
+                )
+        return ready
+
     def _lock_for_sending(self, jobs: list[_Job]) -> list[_Job]:
         # Longer than one attempt can take (each SMTP step is bounded by timeoutS); a worker
         # killed while holding it delays the event's redelivery by at most this much.
@@ -216,7 +242,10 @@ class Deliverer:
         for job, token in zip(jobs, tokens, strict=True):
             if token is None:
                 log.info("event %s: another worker is sending it now; later", job.event_id)
-                self._defer(job, "another worker is sending this event now", LOCK_BUSY_DELAY_S)
+                self._defer(
+                    job, "another worker is sending this event now", LOCK_BUSY_DELAY_S,
+                    counts=False,
+                )
             else:
                 job.token = token
                 sending.append(job)
@@ -365,9 +394,20 @@ class Deliverer:
         )
 
     def _final(self, job: _Job, tx: Transaction, *, already: bool = False) -> None:
-        logged = already and job.record.logged
-        job.already_published = already and job.record.finalized
-        job.final = FinalWrite(tx, job.raw, self.outcomes.final_result(tx), logged=logged)
+        record = job.record
+        logged = already and record.logged
+        # A run that finds the event final publishes its instance event only if nobody did
+        # and nobody is about to (the run that made it final claims that in the same write).
+        job.already_published = already and (
+            record.finalized or record.publishing_elsewhere(PUBLISH_CLAIM_S)
+        )
+        job.final = FinalWrite(
+            tx,
+            job.raw,
+            self.outcomes.final_result(tx),
+            logged=logged,
+            claim_publish=not job.already_published,
+        )
         job.outcome = Final(tx)
 
     def _defer_backoff(self, job: _Job, reason: str) -> None:
@@ -376,12 +416,12 @@ class Deliverer:
         delay = backoff_s(attempt, job.instance.retry_delay_s, job.instance.retry_delay_max_s)
         self._defer(job, reason, delay)
 
-    def _defer(self, job: _Job, reason: str, delay_s: float) -> None:
+    def _defer(self, job: _Job, reason: str, delay_s: float, *, counts: bool = True) -> None:
         due = time.time() + delay_s
         next_at = datetime.fromtimestamp(due, UTC).isoformat()
         attempt = job.record.attempts
         result = self.outcomes.retry_result(job.event_id, reason, attempt, next_at)
-        job.retry = RetryWrite(job.event_id, due, result)
+        job.retry = RetryWrite(job.event_id, due, result, counts=counts)
         job.outcome = Deferred(reason, delay_s, attempt)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from producer.models import Transaction
 
 P = names.KEY_PREFIX
 RETRIES_KEY = f"{P}retries"
+ROUTES_KEY = f"{P}routes"
 DEAD_KEY = f"{P}deadletters"
 DEAD_INDEX_KEY = f"{P}deadletters:index"
 
@@ -47,6 +49,15 @@ if score and tonumber(score) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0
+"""
+_TAKE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.max(0, math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - used))
+if granted > 0 then
+  redis.call('INCRBY', KEYS[1], granted)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return granted
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -89,6 +100,11 @@ class EventRecord:
     transaction: Transaction | None = None
     logged: bool = False
     finalized: bool = False
+    publish_claim_ms: int = 0
+
+    def publishing_elsewhere(self, lease_s: float) -> bool:
+        """Another run claimed publishing the instance event less than ``lease_s`` ago."""
+        return time.time() * 1000 - self.publish_claim_ms < lease_s * 1000
 
 
 ResultWrite = tuple[str, str, int]
@@ -103,6 +119,7 @@ class FinalWrite:
     raw_event: Any
     result: ResultWrite | None
     logged: bool = False
+    claim_publish: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,7 @@ class RetryWrite:
     event_id: str
     due_s: float
     result: ResultWrite
+    counts: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,6 +160,7 @@ class Store:
         self._claim = self.r.register_script(_CLAIM)
         self._unclaim = self.r.register_script(_UNCLAIM)
         self._release = self.r.register_script(_RELEASE)
+        self._take = self.r.register_script(_TAKE)
 
     # -- idempotency record ----------------------------------------------------------------
 
@@ -179,6 +198,7 @@ class Store:
             transaction=Transaction.model_validate_json(tx) if tx else None,
             logged=data.get("logged") == "1",
             finalized=data.get("finalized") == "1",
+            publish_claim_ms=int(data.get("publishing", 0)),
         )
 
     def record_progress(self, event_id: str, accepted: list[str], refused: dict[str, str]) -> None:
@@ -201,6 +221,8 @@ class Store:
             key = event_key(tx.event_id)
             tx_json = tx.model_dump_json(by_alias=True)
             pipe.hset(key, "transaction", tx_json)
+            if final.claim_publish:  # this run publishes the instance event; others hold off
+                pipe.hset(key, "publishing", int(time.time() * 1000))
             pipe.pexpire(key, self.ttl_ms)
             if final.result is not None:
                 result_key, value, expires_s = final.result
@@ -281,6 +303,23 @@ class Store:
             self._release(keys=[lock_key(event_id)], args=[token], client=pipe)
         pipe.execute()
 
+    # -- rate limits and routes -------------------------------------------------------------
+
+    def take_tokens(self, instance: str, wanted: int, limit: int, window_s: float) -> int:
+        """Take up to ``wanted`` sends from the fleet-wide allowance of the current window."""
+        window_ms = int(window_s * 1000)
+        window = int(time.time() * 1000) // window_ms
+        key = f"{P}rate:{instance}:{window}"
+        return int(self._take(keys=[key], args=[wanted, limit, window_ms * 2]))
+
+    def publish_routes(self, routes: Mapping[str, str]) -> None:
+        """Tell producers which queue each instance's events go to."""
+        if routes:
+            pipe = self.r.pipeline(transaction=True)
+            for instance, queue in routes.items():
+                pipe.hset(ROUTES_KEY, instance, queue)
+            pipe.execute()
+
     # -- retries -----------------------------------------------------------------------------
 
     def schedule_retries(self, retries: list[RetryWrite]) -> None:
@@ -291,6 +330,8 @@ class Store:
         pipe = self.r.pipeline(transaction=False)
         for retry in retries:
             pipe.zadd(RETRIES_KEY, {retry.event_id: int(retry.due_s * 1000)})
+            if not retry.counts:  # waiting for a rate limit is not an attempt
+                pipe.hincrby(event_key(retry.event_id), "attempts", -1)
             result_key, value, expires_s = retry.result
             pipe.setex(result_key, expires_s, value)
             pipe.publish(result_key, value)
