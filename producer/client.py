@@ -6,6 +6,7 @@ that knows the task name ``mailsender.send``, JSON only.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -183,6 +184,7 @@ class MailProducer:
             for queue, group in by_queue.items()
             for start in range(0, len(group), size)
         ]
+        self._note_pending(chunks)
         enqueued = 0
         try:
             with self.app.producer_or_acquire() as producer:
@@ -204,11 +206,50 @@ class MailProducer:
                         )
                     enqueued += len(chunk)
         except OperationalError as exc:
+            self._forget_pending([e for _, chunk in chunks for e in chunk][enqueued:])
             raise EnqueueFailed(
                 f"could not enqueue to the broker at {_redact(self.broker_url)} "
                 f"({enqueued} of {len(parsed)} enqueued): {exc}"
             ) from exc
         return [Receipt(e.event_id, self.app) for e in parsed]
+
+    def _redis(self) -> redis.Redis | None:
+        if not self.result_backend.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        return redis.Redis.from_url(self.result_backend, socket_connect_timeout=5)
+
+    def _note_pending(self, chunks: list[tuple[str, list[MailEvent]]]) -> None:
+        """Note each event as enqueued-not-started, so that workers can re-enqueue it should
+        its broker message get lost; one round trip for the whole call."""
+        client = self._redis()
+        if client is None:
+            return
+        now_ms = int(time.time() * 1000)
+        try:
+            with client, client.pipeline(transaction=False) as pipe:
+                for _, chunk in chunks:
+                    for event in chunk:
+                        pipe.hset(names.PENDING_KEY, event.event_id, json.dumps(event.to_json()))
+                        pipe.zadd(names.PENDING_INDEX_KEY, {event.event_id: now_ms})
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise EnqueueFailed(
+                f"could not enqueue: the result backend at {_redact(self.result_backend)} "
+                f"cannot be reached ({exc}); nothing was enqueued"
+            ) from exc
+
+    def _forget_pending(self, events: list[MailEvent]) -> None:
+        client = self._redis()
+        if client is None or not events:
+            return
+        try:
+            with client, client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.hdel(names.PENDING_KEY, event.event_id)
+                    pipe.zrem(names.PENDING_INDEX_KEY, event.event_id)
+                pipe.execute()
+        except redis.RedisError:
+            pass  # best effort: the broker is away too
 
     def _publish_one(self, event: MailEvent, queue: str, producer: Any) -> None:
         self.app.send_task(

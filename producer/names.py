@@ -25,6 +25,13 @@ TRANSACTIONS_STREAM: Final = "mailsender:transactions"
 KEY_PREFIX: Final = "mailsender:"
 """Prefix of every other Redis key the worker keeps (idempotency, retries, dead letters)."""
 
+PENDING_KEY: Final = "mailsender:pending"
+"""Redis hash (result backend) event id → the enqueued event, until a worker starts it; with
+``PENDING_INDEX_KEY`` (sorted set by enqueue time) it lets workers re-enqueue an event whose
+broker message was lost (a worker killed between taking it and recording it as unacked)."""
+
+PENDING_INDEX_KEY: Final = "mailsender:pending:index"
+
 ROUTES_KEY: Final = "mailsender:routes"
 """Redis hash (result backend) instance → queue, written by workers, read by producers."""
 

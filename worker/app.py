@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 RETRY_POLL_S = 0.2
 RETRY_CLAIM_LEASE_S = 30.0
 INFRA_BACKOFF_S = 1.0
+LOST_SWEEP_EVERY_S = 1.0
 
 
 @dataclass
@@ -97,9 +98,14 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
             self._thread.join(timeout=5)
 
     def _loop(self, app: Celery, store: Store) -> None:
+        config: Config = app.conf.mailsender_config
+        next_sweep = time.monotonic() + LOST_SWEEP_EVERY_S
         while not self._stop.wait(RETRY_POLL_S):
             try:
                 pump_once(app, store)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + LOST_SWEEP_EVERY_S
+                    sweep_lost(app, store, config.lost_after_s)
             except Exception as exc:  # keep pumping through Redis or broker outages
                 log.warning("retry pump: %s", exc)
                 self._stop.wait(INFRA_BACKOFF_S)
@@ -186,6 +192,18 @@ def pump_once(app: Celery, store: Store) -> int:
         store.confirm_published(due)
         published += 1
     return published
+
+
+def sweep_lost(app: Celery, store: Store, older_than_s: float) -> int:
+    """Re-enqueue events whose broker message was lost; returns how many."""
+    config: Config = app.conf.mailsender_config
+    lost = store.claim_lost(older_than_s)
+    for event_id, raw in lost:
+        name = raw.get("instance") if isinstance(raw, dict) else None
+        queue = config.queue_of(name) if isinstance(name, str) else names.DEFAULT_QUEUE
+        log.warning("event %s: enqueued but never started; enqueued again", event_id)
+        enqueue_raw(app, raw, event_id, queue)
+    return len(lost)
 
 
 def create_app(config: Config) -> Celery:

@@ -157,11 +157,17 @@ class Config(BaseModel):
     broker_url: str = names.DEFAULT_BROKER_URL
     result_backend: str = ""
     visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    lost_message_after_s: float | None = Field(default=None, gt=0)
     idempotency_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     dead_letter_max: int = Field(default=10000, ge=1)
     transactions_max: int = Field(default=100000, ge=1)
     attachment_root: Path | None = None
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
+
+    @property
+    def lost_after_s(self) -> float:
+        """After how long an enqueued event that no worker started is enqueued again."""
+        return self.lost_message_after_s or self.visibility_timeout_s + 30.0
 
     @property
     def backend_url(self) -> str:

@@ -243,7 +243,9 @@ class Deliverer:
             if token is None:
                 log.info("event %s: another worker is sending it now; later", job.event_id)
                 self._defer(
-                    job, "another worker is sending this event now", LOCK_BUSY_DELAY_S,
+                    job,
+                    "another worker is sending this event now",
+                    LOCK_BUSY_DELAY_S,
                     counts=False,
                 )
             else:

@@ -59,6 +59,11 @@ if granted > 0 then
 end
 return granted
 """
+_CLAIM_STALE = """
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(stale) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
+return stale
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -161,6 +166,7 @@ class Store:
         self._unclaim = self.r.register_script(_UNCLAIM)
         self._release = self.r.register_script(_RELEASE)
         self._take = self.r.register_script(_TAKE)
+        self._claim_stale = self.r.register_script(_CLAIM_STALE)
 
     # -- idempotency record ----------------------------------------------------------------
 
@@ -178,8 +184,10 @@ class Store:
             pipe.hsetnx(key, "queue", queue)
             pipe.pexpire(key, self.ttl_ms)
             pipe.hgetall(key)
+            pipe.hdel(names.PENDING_KEY, event_id)
+            pipe.zrem(names.PENDING_INDEX_KEY, event_id)
         values = pipe.execute()
-        return [self._record(cast(dict[str, str], values[i * 5 + 4])) for i in range(len(events))]
+        return [self._record(cast(dict[str, str], values[i * 7 + 4])) for i in range(len(events))]
 
     def get(self, event_id: str) -> EventRecord | None:
         """The record of ``event_id``, or None."""
@@ -354,6 +362,30 @@ class Store:
     def confirm_published(self, retry: DueRetry) -> None:
         """Drop a published retry, unless it was scheduled again meanwhile."""
         self._unclaim(keys=[RETRIES_KEY], args=[retry.event_id, retry.claim_ms])
+
+    # -- events whose broker message was lost ------------------------------------------------
+
+    def claim_lost(self, older_than_s: float, limit: int = 100) -> list[tuple[str, Any]]:
+        """Events enqueued more than ``older_than_s`` ago that no worker has started.
+
+        Each is claimed (its age reset) so that one worker re-enqueues it; most are simply
+        lost messages, a few may still wait in a long queue (their second copy then finds the
+        event started or final and is not sent twice).
+        """
+        now_ms = int(time.time() * 1000)
+        cutoff = now_ms - int(older_than_s * 1000)
+        ids = cast(
+            list[str],
+            self._claim_stale(keys=[names.PENDING_INDEX_KEY], args=[cutoff, now_ms, limit]),
+        )
+        lost: list[tuple[str, Any]] = []
+        for event_id in ids:
+            raw = cast(str | None, self.r.hget(names.PENDING_KEY, event_id))
+            if raw is None or self.r.exists(event_key(event_id)):
+                self.r.zrem(names.PENDING_INDEX_KEY, event_id)
+                continue
+            lost.append((event_id, json.loads(raw)))
+        return lost
 
     # -- dead letters ----------------------------------------------------------------------
 

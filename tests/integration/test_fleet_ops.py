@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
 from producer import MailEvent, MailProducer
 from tests.conftest import USER, Servers
+from tests.support.fleet import RedisServer, WorkerProcess
+from tests.support.smtp import Rule, TestSmtpServer
 
 
 def test_implicit_tls_delivers_over_tls_from_the_first_byte(
@@ -49,3 +60,172 @@ def test_starttls_against_an_implicit_tls_port_names_the_fix(
     assert tx.success is False
     assert "tls: implicit" in tx.message
     assert fleet.implicit.received == []
+
+
+# --- per-instance queues and rate limits (own Redis, servers and workers) ---------------
+
+
+def _queued_config(
+    redis_server: RedisServer, slow: TestSmtpServer, fast: TestSmtpServer, **extra: Any
+) -> dict[str, Any]:
+    base = {
+        "sender": "noreply@example.com",
+        "mailServer": "127.0.0.1",
+        "timeoutS": 30,
+        "retryDelayS": 0.3,
+        "retryDelayMaxS": 1.0,
+    }
+    return {
+        "broker_url": redis_server.url(0),
+        "result_backend": redis_server.url(1),
+        "instances": {
+            "Slow": {**base, "port": slow.port, "queue": "mailsender.slow"},
+            "Fast": {**base, "port": fast.port},
+            "Limited": {**base, "port": fast.port, "rateLimit": "5/s"},
+            **extra,
+        },
+    }
+
+
+@pytest.fixture
+def queue_fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, TestSmtpServer, TestSmtpServer]]:
+    redis_server = RedisServer(tmp_path / "redis").start()
+    with TestSmtpServer() as slow, TestSmtpServer() as fast:
+        yield redis_server, slow, fast
+    redis_server.stop()
+
+
+def test_a_stalled_instance_on_its_own_queue_does_not_hold_up_the_others(
+    tmp_path: Path, queue_fleet: tuple[RedisServer, TestSmtpServer, TestSmtpServer]
+) -> None:
+    redis_server, slow, fast = queue_fleet
+    slow.add_rule(Rule("data", "", times=None, delay_s=8))  # instance Slow's server stalls
+    config = _queued_config(redis_server, slow, fast)
+    slow_worker = WorkerProcess(
+        tmp_path, config, name="slow", concurrency=2, extra_args=["-Q", "mailsender.slow"]
+    ).start()
+    main_worker = WorkerProcess(
+        tmp_path, config, name="main", concurrency=2, extra_args=["-Q", "mailsender"]
+    ).start()
+    producer = MailProducer(redis_server.url(0), redis_server.url(1))
+    try:
+        assert producer.queue_for("Slow") == "mailsender.slow"
+        assert producer.queue_for("Fast") == "mailsender"
+        stalled = producer.send_many(
+            [
+                MailEvent(
+                    instance="Slow",
+                    subject=f"slow {i}",
+                    message="x",
+                    recipients=f"s{i}@example.com",
+                )
+                for i in range(4)
+            ],
+            batch_size=1,
+        )
+        started = time.monotonic()
+        flowing = producer.send_many(
+            [
+                MailEvent(
+                    instance="Fast",
+                    subject=f"fast {i}",
+                    message="x",
+                    recipients=f"f{i}@example.com",
+                )
+                for i in range(10)
+            ]
+        )
+        outcomes = [r.wait(timeout_s=10) for r in flowing]
+        elapsed = time.monotonic() - started
+        assert all(t.success for t in outcomes)
+        assert elapsed < 5, f"Fast waited {elapsed:.1f} s behind Slow"
+        assert slow.received == []  # Slow's mails are still stuck in its server
+        assert {r.state for r in stalled} <= {"PENDING", "STARTED"}
+        assert "Slow" not in main_worker.log()
+    finally:
+        slow.rules.clear()
+        main_worker.stop()
+        slow_worker.kill()
+        producer.close()
+
+
+def test_an_event_on_the_default_queue_is_forwarded_to_its_instance_queue(
+    tmp_path: Path, queue_fleet: tuple[RedisServer, TestSmtpServer, TestSmtpServer]
+) -> None:
+    redis_server, slow, fast = queue_fleet
+    config = _queued_config(redis_server, slow, fast)
+    slow_worker = WorkerProcess(
+        tmp_path, config, name="slow", concurrency=1, extra_args=["-Q", "mailsender.slow"]
+    ).start()
+    main_worker = WorkerProcess(
+        tmp_path, config, name="main", concurrency=1, extra_args=["-Q", "mailsender"]
+    ).start()
+    client = Celery(broker=redis_server.url(0), backend=redis_server.url(1))
+    try:
+        client.send_task(
+            "mailsender.send",
+            kwargs={
+                "event": {
+                    "instance": "Slow",
+                    "subject": "routed",
+                    "message": "x",
+                    "recipients": "r@example.com",
+                    "eventId": "routed-1",
+                }
+            },
+            task_id="routed-1",
+            queue="mailsender",
+        )
+        tx = MailProducer(redis_server.url(0), redis_server.url(1)).receipt("routed-1").wait(20)
+        assert tx.success is True
+        assert slow.accepted_count("r@example.com") == 1
+        assert "event routed-1: forwarded from queue mailsender to mailsender.slow" in (
+            main_worker.log()
+        )
+        assert "routed-1: attempt 1: 1 accepted" in slow_worker.log()
+    finally:
+        main_worker.stop()
+        slow_worker.stop()
+        client.close()
+
+
+def test_rate_limit_holds_across_the_fleet(
+    tmp_path: Path, queue_fleet: tuple[RedisServer, TestSmtpServer, TestSmtpServer]
+) -> None:
+    redis_server, slow, fast = queue_fleet
+    config = _queued_config(redis_server, slow, fast)
+    workers = [
+        WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start() for i in range(2)
+    ]
+    producer = MailProducer(redis_server.url(0), redis_server.url(1))
+    arrivals: list[float] = []
+    try:
+        started = time.monotonic()
+        receipts = producer.send_many(
+            [
+                MailEvent(
+                    instance="Limited",
+                    subject=f"rate {i}",
+                    message="x",
+                    recipients=f"l{i}@example.com",
+                )
+                for i in range(20)
+            ],
+            batch_size=2,
+        )
+        while len(arrivals) < 20 and time.monotonic() - started < 30:
+            arrivals += [time.time()] * (len(fast.received) - len(arrivals))
+            time.sleep(0.02)
+        outcomes = [r.wait(timeout_s=30) for r in receipts]
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+    assert all(t.success for t in outcomes)
+    assert all(t.attempts == 1 for t in outcomes), "waiting for the limit is not an attempt"
+    # 5 per one-second window (aligned to the epoch second), fleet-wide: 20 mails span at
+    # least 4 windows. Arrival times are polled every 20 ms, so one mail sent at the very end
+    # of a window may be seen in the next: allow one over.
+    per_window = Counter(int(t) for t in arrivals)
+    assert len(per_window) >= 4
+    assert max(per_window.values()) <= 6, per_window

@@ -112,9 +112,11 @@ def test_crash_500_events_sigkill_workers_nothing_lost(
     duplicates = sum(n - 1 for n in copies.values() if n > 1)
     print(f"crash test: 500 enqueued, {kills} kills, lost {len(lost)}, duplicates {duplicates}")
     assert lost == []
-    # Only the window between the server's 250 and the record write can double a mail:
-    # at most one per process killed in that window (2 processes per worker, 4 kills).
-    assert duplicates <= kills * 2
+    # Only the window between the server taking the mail and the worker recording its 250 can
+    # double a mail: at most one per SMTP conversation in flight when a worker is killed
+    # (2 processes x maxConnections 8 per worker). The sink takes 10 ms to answer DATA, so a
+    # kill finds most conversations inside that window. Every copy has the same Message-ID.
+    assert duplicates <= kills * 2 * 8
 
 
 def test_backoff_longer_than_visibility_timeout_is_not_sent_twice(
@@ -288,7 +290,7 @@ def test_producer_raises_enqueue_failed_when_redis_is_away(tmp_path: Path) -> No
         )
     assert time.monotonic() - started < 30
     assert f"127.0.0.1:{port}" in str(info.value)
-    assert "0 of 1 enqueued" in str(info.value)
+    assert "nothing was enqueued" in str(info.value)
 
 
 def test_same_event_enqueued_concurrently_is_sent_once(
@@ -320,4 +322,33 @@ def test_same_event_enqueued_concurrently_is_sent_once(
     record = redis.Redis.from_url(own_redis.url(1), decode_responses=True).hgetall(
         "mailsender:event:same-event-twice"
     )
-    assert int(record["attempts"]) >= 3
+    # The copies that found the lock taken waited (not counted as attempts; their waits share
+    # one retry entry per event id) and then found the event final.
+    assert int(record["attempts"]) >= 2
+
+
+def test_an_event_whose_broker_message_was_lost_is_enqueued_again(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    """kombu's Redis transport takes a message (BRPOP) before it records it as unacked; a
+    worker killed in between loses it. Producers note events as pending until a worker starts
+    them; workers re-enqueue what stays pending for `lost_message_after_s`."""
+    config = config_for(own_redis, smtp)
+    config["lost_message_after_s"] = 2
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    receipt = producer.send(
+        MailEvent(instance="Crash", subject="lost", message="x", recipients="lost@example.com")
+    )
+    broker = redis.Redis.from_url(own_redis.url(0))
+    assert broker.delete("mailsender") == 1  # the broker message is gone, as in the crash
+    worker = WorkerProcess(tmp_path, config, name="w", concurrency=1).start()
+    try:
+        tx = receipt.wait(timeout_s=20)
+    finally:
+        worker.stop()
+        producer.close()
+    assert tx.success is True
+    assert smtp.accepted_count("lost@example.com") == 1
+    assert f"event {receipt.event_id}: enqueued but never started; enqueued again" in worker.log()
+    backend = redis.Redis.from_url(own_redis.url(1))
+    assert backend.hlen("mailsender:pending") == 0
