@@ -29,6 +29,7 @@ from producer.client import summary_of
 from producer.errors import InvalidEvent, MailDeliveryDeferred, MailDeliveryFailed
 from producer.models import MailEvent
 from worker.config import Config
+from worker.logs import use_json_logs
 from worker.outcomes import Outcomes, declare_events
 from worker.service import Deliverer, Final, Outcome
 from worker.store import Store, connect
@@ -230,6 +231,8 @@ def create_app(config: Config) -> Celery:
         task_queues=[Queue(name, routing_key=name) for name in config.queues],
     )
     app.steps["worker"].add(RetryPump)
+    if config.log_format == "json":
+        use_json_logs()
 
     state: dict[str, Runtime] = {}
     lock = threading.Lock()

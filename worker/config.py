@@ -31,6 +31,7 @@ from worker.errors import ConfigError
 ENV_CONFIG = "MAILSENDER_CONFIG"
 DEFAULT_CONFIG_PATH = "./mailsender.yaml"
 ENV_ATTACHMENT_ROOT = "MAILSENDER_ATTACHMENT_ROOT"
+ENV_LOG_FORMAT = "MAILSENDER_LOG_FORMAT"
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
@@ -162,6 +163,7 @@ class Config(BaseModel):
     dead_letter_max: int = Field(default=10000, ge=1)
     transactions_max: int = Field(default=100000, ge=1)
     attachment_root: Path | None = None
+    log_format: Literal["text", "json"] = "text"
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
 
     @property
@@ -241,6 +243,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         top["result_backend"] = env[names.ENV_RESULT_BACKEND]
     if ENV_ATTACHMENT_ROOT in env:
         top["attachment_root"] = env[ENV_ATTACHMENT_ROOT]
+    if ENV_LOG_FORMAT in env:
+        top["log_format"] = env[ENV_LOG_FORMAT]
     instances: dict[str, InstanceConfig] = {}
     if not isinstance(instances_raw, dict):
         errors.append("instances: must be a mapping of instance name to its parameters")

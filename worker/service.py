@@ -29,7 +29,7 @@ from worker.config import Config, InstanceConfig
 from worker.errors import PermanentError, TransientError
 from worker.message import build_message, message_id_for
 from worker.outcomes import Outcomes
-from worker.smtp import SmtpConnection, with_connection
+from worker.smtp import SendOutcome, SmtpConnection, with_connection
 from worker.store import EventRecord, FinalWrite, RetryWrite, Store
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,19 @@ class Deliverer:
         self.store.record_finals(finals)
         fresh = [j for j in jobs if j.final is not None and not j.already_published]
         self.outcomes.publish([j.final.transaction for j in fresh if j.final is not None])
+        for job in fresh:
+            assert job.final is not None
+            tx = job.final.transaction
+            outcome = "Done" if tx.success else "Failed"
+            log.info(
+                "event %s: %s.%s after %d attempt(s): %s",
+                tx.event_id,
+                tx.instance,
+                outcome,
+                tx.attempts,
+                tx.message,
+                extra={"event_id": tx.event_id, "instance": tx.instance, "outcome": outcome},
+            )
         self.store.mark_published([j.event_id for j in fresh])
         self.store.schedule_retries([j.retry for j in jobs if j.retry is not None])
 
@@ -293,7 +306,11 @@ class Deliverer:
                 sent = with_connection(conn, _sender(built, todo)) if todo else None
             except PermanentError as exc:
                 log.warning(
-                    "event %s: attempt %d failed for good: %s", job.event_id, record.attempts, exc
+                    "event %s: attempt %d failed for good: %s",
+                    job.event_id,
+                    record.attempts,
+                    exc,
+                    extra=_fields(job, smtp_code=exc.code),
                 )
                 self._conclude(job, accepted, refused, failure=str(exc))
                 return
@@ -303,6 +320,7 @@ class Deliverer:
                     job.event_id,
                     record.attempts,
                     exc,
+                    extra=_fields(job, smtp_code=exc.code),
                 )
                 if record.attempts <= instance.max_retries:
                     self._defer_backoff(job, str(exc))
@@ -326,6 +344,7 @@ class Deliverer:
                 len(sent.refused),
                 len(sent.deferred),
                 where,
+                extra=_fields(job, smtp_code=_reply_code(sent)),
             )
         if deferred:
             reason = "deferred: " + "; ".join(f"{a}: {r}" for a, r in deferred.items())
@@ -431,6 +450,27 @@ class Deliverer:
         self.pool.close_all()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+def _reply_code(sent: SendOutcome) -> int:
+    """250 when any recipient was accepted, else the first refusal's code."""
+    if sent.accepted:
+        return 250
+    for reply in [*sent.refused.values(), *sent.deferred.values()]:
+        head = reply.split(" ", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return 0
+
+
+def _fields(job: _Job, *, smtp_code: int) -> dict[str, Any]:
+    """The structured fields of a log line about one attempt."""
+    return {
+        "event_id": job.event_id,
+        "instance": job.event.instance if job.event else "unknown",
+        "attempt": job.record.attempts,
+        "smtp_code": smtp_code,
+    }
 
 
 def _sender(built: Any, todo: list[str]) -> Callable[[SmtpConnection], Any]:

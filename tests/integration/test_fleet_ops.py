@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -229,3 +230,37 @@ def test_rate_limit_holds_across_the_fleet(
     per_window = Counter(int(t) for t in arrivals)
     assert len(per_window) >= 4
     assert max(per_window.values()) <= 6, per_window
+
+
+def test_json_logs_carry_event_instance_and_smtp_code(
+    tmp_path: Path, queue_fleet: tuple[RedisServer, TestSmtpServer, TestSmtpServer]
+) -> None:
+    redis_server, slow, fast = queue_fleet
+    fast.add_rule(Rule("rcpt", "550 5.1.1 User unknown", times=None, match="gone@example.com"))
+    config = {**_queued_config(redis_server, slow, fast), "log_format": "json"}
+    worker = WorkerProcess(tmp_path, config, name="json", concurrency=1).start()
+    producer = MailProducer(redis_server.url(0), redis_server.url(1))
+    try:
+        ok = producer.send(
+            MailEvent(instance="Fast", subject="j", message="x", recipients="ok@example.com")
+        )
+        bad = producer.send(
+            MailEvent(instance="Fast", subject="j", message="x", recipients="gone@example.com")
+        )
+        ok.wait(timeout_s=20)
+        bad.wait(timeout_s=20)
+    finally:
+        worker.stop()
+        producer.close()
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert lines, "no JSON log lines"
+    assert all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
+    mine = [line for line in lines if line.get("event_id") in {ok.event_id, bad.event_id}]
+    attempt_ok = [x for x in mine if x["event_id"] == ok.event_id and "smtp_code" in x]
+    assert attempt_ok and attempt_ok[0]["smtp_code"] == 250
+    assert attempt_ok[0]["instance"] == "Fast" and attempt_ok[0]["attempt"] == 1
+    attempt_bad = [x for x in mine if x["event_id"] == bad.event_id and "smtp_code" in x]
+    assert attempt_bad and attempt_bad[0]["smtp_code"] == 550
+    outcomes = {(x["event_id"], x["outcome"]) for x in mine if "outcome" in x}
+    assert outcomes == {(ok.event_id, "Done"), (bad.event_id, "Failed")}
+    assert "x" not in {x.get("message") for x in mine}  # never the body
