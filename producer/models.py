@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import uuid
 from datetime import UTC, datetime
@@ -79,9 +80,16 @@ def parse_address_list(value: str) -> list[Address]:
 
     Empty entries are skipped. Raises ``ValueError`` naming the entry that is not an address.
     """
+    return list(_parse_address_list(value))
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_address_list(value: str) -> tuple[Address, ...]:
+    # Cached: the same sender and recipients come again and again, and the stdlib parser is
+    # among the costliest steps per mail. Address objects are immutable; errors are not cached.
     check_header_text(value)
     if not value.strip():
-        return []
+        return ()
     try:
         header = default_policy.header_factory("To", value)
     except Exception as exc:  # the stdlib parser raises IndexError & co. on some garbage
@@ -96,7 +104,7 @@ def parse_address_list(value: str) -> list[Address]:
             raise ValueError(f"{shown!r} is not a valid e-mail address")
     if problems:
         raise ValueError(f"{value.strip()!r} is not a valid address list ({problems[0]})")
-    return addresses
+    return tuple(addresses)
 
 
 def _to_address_strings(value: Any) -> list[str]:

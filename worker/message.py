@@ -10,7 +10,7 @@ from __future__ import annotations
 import mimetypes
 import re
 from dataclasses import dataclass
-from email.headerregistry import Address
+from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8, default
 from email.utils import format_datetime
@@ -27,7 +27,25 @@ from producer.models import (
 from worker.config import InstanceConfig
 from worker.errors import PermanentError
 
-SEVEN_BIT = default.clone(cte_type="7bit")
+
+class _CachingHeaderRegistry(HeaderRegistry):
+    """The stdlib's registry builds a new header class with ``type()`` on every lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        cls = self._classes.get(name)
+        if cls is None:
+            cls = self._classes[name] = super().__getitem__(name)
+        return cls
+
+
+_REGISTRY = _CachingHeaderRegistry()
+SEVEN_BIT = default.clone(cte_type="7bit", header_factory=_REGISTRY)
+_SMTP = SMTP.clone(header_factory=_REGISTRY)
+_SMTPUTF8 = SMTPUTF8.clone(header_factory=_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -237,7 +255,7 @@ def build_message(
         _check_filename(msg, filename)
 
     needs_utf8 = any(not a.addr_spec.isascii() for a in [sender, *to, *cc, *bcc])
-    data = msg.as_bytes(policy=SMTPUTF8 if needs_utf8 else SMTP)
+    data = msg.as_bytes(policy=_SMTPUTF8 if needs_utf8 else _SMTP)
     if len(data) > limit:
         raise PermanentError(f"the message is {len(data)} bytes, over the limit of {limit} bytes")
     return BuiltMessage(
