@@ -26,7 +26,7 @@ from worker.config import ENV_ATTACHMENT_ROOT, ENV_CONFIG, parse_config
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-APP_SERVICES = ["worker", "flower"]
+APP_SERVICES = ["worker", "worker-reports", "flower"]
 CONFIG_ENV = {ENV_CONFIG, names.ENV_BROKER_URL, names.ENV_RESULT_BACKEND, ENV_ATTACHMENT_ROOT}
 PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
@@ -280,3 +280,19 @@ def test_dockerfile_healthcheck_pings_this_worker() -> None:
     assert command_problem(argv) is None
     assert argv[:5] == ["celery", "-A", "worker", "inspect", "ping"]
     assert "celery@$HOSTNAME" in argv
+
+
+def test_fleet_has_two_instances_on_their_own_queues_each_with_a_worker(
+    compose: dict[str, Any],
+) -> None:
+    svc = service(compose, "worker")
+    text = config_file(svc, "worker").read_text(encoding="utf-8")
+    config = parse_config(yaml.safe_load(text), {v: "" for v in PLACEHOLDER.findall(text)})
+    own_queues = {i.queue for i in config.instances.values() if i.queue}
+    assert len(own_queues) >= 2, "two instances on their own queues"
+    consumed: set[str] = set()
+    for name, spec in compose["services"].items():
+        argv = words(spec.get("command", []))
+        if argv[:2] == ["mailsender", "worker"] and "-Q" in argv:
+            consumed |= set(argv[argv.index("-Q") + 1].split(","))
+    assert own_queues | {names.DEFAULT_QUEUE} <= consumed, "every queue has a worker service"
