@@ -13,7 +13,7 @@ import pytest
 from celery import Celery
 
 from producer import MailEvent, MailProducer
-from tests.conftest import USER, Servers
+from tests.conftest import PASSWORD, USER, Servers
 from tests.support.fleet import RedisServer, WorkerProcess
 from tests.support.smtp import Rule, TestSmtpServer
 
@@ -264,3 +264,79 @@ def test_json_logs_carry_event_instance_and_smtp_code(
     outcomes = {(x["event_id"], x["outcome"]) for x in mine if "outcome" in x}
     assert outcomes == {(ok.event_id, "Done"), (bad.event_id, "Failed")}
     assert "x" not in {x.get("message") for x in mine}  # never the body
+
+
+# --- NTLM -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ntlm_user_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The credentials pyspnego uses on both sides: the server verifies against this file,
+    and the worker takes its own identity (useDefaultCredentials) from it."""
+    path = tmp_path / "ntlm-users.txt"
+    path.write_text(f"CORP:mailer:{PASSWORD}\n")
+    monkeypatch.setenv("NTLM_USER_FILE", str(path))
+    return path
+
+
+def test_ntlm_with_service_identity_and_with_user_name(
+    tmp_path: Path, ntlm_user_file: Path
+) -> None:
+    redis_server = RedisServer(tmp_path / "redis").start()
+    server = TestSmtpServer(
+        users={"unused": "unused"}, auth_mechanisms=("NTLM",), auth_require_tls=False
+    )
+    server.start()
+    base = {
+        "mailServer": "127.0.0.1",
+        "port": server.port,
+        "sender": "noreply@example.com",
+        "maxRetries": 0,
+    }
+    config = {
+        "broker_url": redis_server.url(0),
+        "result_backend": redis_server.url(1),
+        "instances": {
+            "NtlmDefault": {**base, "useDefaultCredentials": True},
+            "NtlmUser": {**base, "userName": "CORP\\mailer", "password": "${NTLM_PASSWORD}"},
+            "NtlmWrong": {**base, "userName": "CORP\\mailer", "password": "wrong"},
+        },
+    }
+    worker = WorkerProcess(
+        tmp_path,
+        config,
+        name="ntlm",
+        concurrency=1,
+        env={"NTLM_USER_FILE": str(ntlm_user_file), "NTLM_PASSWORD": PASSWORD},
+    ).start()
+    producer = MailProducer(redis_server.url(0), redis_server.url(1))
+    try:
+        outcomes = {
+            name: producer.send(
+                MailEvent(
+                    instance=name,
+                    subject=name,
+                    message="x",
+                    recipients=f"{name.lower()}@example.com",
+                )
+            ).wait(20)
+            for name in ("NtlmDefault", "NtlmUser", "NtlmWrong")
+        }
+        log = worker.log()
+    finally:
+        worker.stop()
+        producer.close()
+        server.stop()
+        redis_server.stop()
+    assert outcomes["NtlmDefault"].success is True
+    assert outcomes["NtlmUser"].success is True
+    by_rcpt = {m.rcpt_tos[0]: m for m in server.received}
+    assert by_rcpt["ntlmdefault@example.com"].auth_user == "CORP\\mailer"
+    assert by_rcpt["ntlmuser@example.com"].auth_user == "CORP\\mailer"
+    wrong = outcomes["NtlmWrong"]
+    assert wrong.success is False and wrong.attempts == 1
+    assert "AUTH NTLM" in wrong.message and "535" in wrong.message
+    assert "ntlmwrong@example.com" not in by_rcpt
+    verbs = {cmd.split(" ")[:2] == ["AUTH", "NTLM"] for _, cmd, _ in server.commands}
+    assert True in verbs
+    assert PASSWORD not in log and "wrong" not in wrong.message.replace("NtlmWrong", "")

@@ -16,6 +16,7 @@ password, or its base64, never crossed the wire in clear text).
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.policy
 import hmac
 import secrets
@@ -43,7 +44,7 @@ Stage = Literal["connect", "ehlo", "mail", "rcpt", "data"]
 #: A :attr:`Rule.reply` that closes the connection without replying.
 DROP = "DROP"
 
-_AUTH_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5"})
+_AUTH_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5", "NTLM"})
 
 
 @dataclass
@@ -368,6 +369,31 @@ class _Handler:
         if hmac.compare_digest(expected.hexdigest(), digest.lower()):
             return AuthResult(success=True, auth_data=login)
         return AuthResult(success=False, handled=False)
+
+    async def auth_NTLM(self, server: SMTP, args: list[str]) -> AuthResult:
+        """AUTH NTLM, verified by pyspnego's NTLM acceptor against ``NTLM_USER_FILE``."""
+        import spnego
+        import spnego.exceptions
+
+        context = spnego.server(protocol="ntlm")
+        if len(args) > 1:
+            negotiate: Any = base64.b64decode(args[1])
+        else:
+            negotiate = await server.challenge_auth("")
+        if not isinstance(negotiate, bytes):
+            return AuthResult(success=False, handled=True)
+        try:
+            challenge = context.step(negotiate)
+        except spnego.exceptions.SpnegoError:
+            return AuthResult(success=False, handled=False)
+        response = await server.challenge_auth(challenge or b"")
+        if not isinstance(response, bytes):
+            return AuthResult(success=False, handled=True)
+        try:
+            context.step(response)
+        except spnego.exceptions.SpnegoError:
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=str(context.client_principal))
 
 
 class _Controller(PortController):

@@ -291,7 +291,7 @@ def test_fleet_has_two_instances_on_their_own_queues_each_with_a_worker(
     own_queues = {i.queue for i in config.instances.values() if i.queue}
     assert len(own_queues) >= 2, "two instances on their own queues"
     consumed: set[str] = set()
-    for name, spec in compose["services"].items():
+    for spec in compose["services"].values():
         argv = words(spec.get("command", []))
         if argv[:2] == ["mailsender", "worker"] and "-Q" in argv:
             consumed |= set(argv[argv.index("-Q") + 1].split(","))
