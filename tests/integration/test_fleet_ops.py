@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +21,7 @@ from celery import Celery
 
 from producer import MailEvent, MailProducer
 from tests.conftest import PASSWORD, USER, Servers
-from tests.support.fleet import RedisServer, WorkerProcess
+from tests.support.fleet import RedisServer, WorkerProcess, free_port
 from tests.support.smtp import Rule, TestSmtpServer
 
 
@@ -340,3 +347,83 @@ def test_ntlm_with_service_identity_and_with_user_name(
     verbs = {cmd.split(" ")[:2] == ["AUTH", "NTLM"] for _, cmd, _ in server.commands}
     assert True in verbs
     assert PASSWORD not in log and "wrong" not in wrong.message.replace("NtlmWrong", "")
+
+
+# --- Flower -----------------------------------------------------------------------------
+
+
+def test_flower_shows_the_task_with_a_redacted_summary(
+    fleet: Servers, fleet_worker: WorkerProcess, producer: MailProducer, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MAILSENDER_CONFIG": str(fleet_worker.config_path),
+        "TEST_SMTP_PASSWORD": PASSWORD,
+    }
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
+    flower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            "--basic-auth=ops:flower-secret",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    auth = base64.b64encode(b"ops:flower-secret").decode()
+
+    def get(path: str) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Basic {auth}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                get("/api/workers?refresh=false")
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline or flower.poll() is not None:
+                    raise AssertionError((tmp_path / "flower.log").read_text()[-2000:]) from None
+                time.sleep(0.3)
+        time.sleep(1)  # Flower's event receiver is connected
+        secret_body = "the body Flower must not show"
+        receipt = producer.send(
+            MailEvent(
+                instance="Plain",
+                subject="for flower",
+                message=secret_body,
+                recipients="f@example.com",
+            )
+        )
+        assert receipt.wait(timeout_s=20).success
+        task: dict[str, Any] = {}
+        while time.monotonic() < deadline + 30:
+            tasks = get("/api/tasks")
+            task = tasks.get(receipt.event_id) or {}
+            if task.get("state") == "SUCCESS":
+                break
+            time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError):  # basic auth is enforced
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=5)
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(10)
+        log.close()
+    assert task.get("state") == "SUCCESS", task
+    assert task["name"] == "mailsender.send"
+    assert "'instance': 'Plain'" in task["kwargs"]
+    assert receipt.event_id in task["kwargs"]
+    assert secret_body not in json.dumps(task)

@@ -1,0 +1,104 @@
+"""The same worker and producer with RabbitMQ (`amqp://`) as the broker; Redis stays the result
+backend. Needs the RabbitMQ on 127.0.0.1:5672 (guest/guest) that this machine kind runs: skipped
+when it does not answer, except in CI, where that is a failure."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kombu import Connection
+
+from producer import MailEvent, MailProducer
+from tests.support.fleet import EventsReader, RedisServer, WorkerProcess
+from tests.support.smtp import Rule, TestSmtpServer
+from worker.outcomes import EVENTS_QUEUE
+
+AMQP_URL = os.environ.get("MAILSENDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbitmq_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_fleet(tmp_path: Path) -> Iterator[tuple[MailProducer, TestSmtpServer, EventsReader]]:
+    if not _rabbitmq_answers():
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ does not answer on 127.0.0.1:5672")
+        pytest.skip("RabbitMQ does not answer on 127.0.0.1:5672")
+    with Connection(AMQP_URL) as conn:  # leftovers of an earlier run
+        channel = conn.default_channel
+        EVENTS_QUEUE(channel).declare()
+        EVENTS_QUEUE(channel).purge()
+    redis_server = RedisServer(tmp_path / "redis").start()
+    smtp = TestSmtpServer()
+    smtp.start()
+    config = {
+        "broker_url": AMQP_URL,
+        "result_backend": redis_server.url(1),
+        "instances": {
+            "Rabbit": {
+                "mailServer": "127.0.0.1",
+                "port": smtp.port,
+                "sender": "noreply@example.com",
+                "retryDelayS": 0.3,
+                "retryDelayMaxS": 1.0,
+                "maxRetries": 3,
+            },
+        },
+    }
+    worker = WorkerProcess(tmp_path, config, name="amqp", concurrency=2).start()
+    producer = MailProducer(AMQP_URL, redis_server.url(1))
+    try:
+        yield producer, smtp, EventsReader(AMQP_URL)
+    finally:
+        worker.stop()
+        producer.close()
+        smtp.stop()
+        redis_server.stop()
+
+
+def test_rabbitmq_broker_delivers_retries_and_publishes_events(
+    amqp_fleet: tuple[MailProducer, TestSmtpServer, EventsReader],
+) -> None:
+    producer, smtp, events = amqp_fleet
+    smtp.add_rule(Rule("rcpt", "550 5.1.1 User unknown", times=None, match="gone@example.com"))
+    smtp.add_rule(Rule("data", "451 4.7.1 Greylisted, retry later", times=1))
+    single = producer.send(
+        MailEvent(instance="Rabbit", subject="one", message="x", recipients="one@example.com")
+    )
+    batch = producer.send_many(
+        [
+            MailEvent(
+                instance="Rabbit", subject=f"many {i}", message="x", recipients=f"m{i}@example.com"
+            )
+            for i in range(10)
+        ]
+    )
+    refused = producer.send(
+        MailEvent(instance="Rabbit", subject="gone", message="x", recipients="gone@example.com")
+    )
+    outcomes = [r.wait(timeout_s=30) for r in [single, *batch]]
+    assert all(t.success for t in outcomes)
+    assert sum(t.attempts for t in outcomes) == 12  # one of them was greylisted once
+    failed = refused.wait(timeout_s=30)
+    assert failed.success is False and "550 5.1.1" in failed.refused["gone@example.com"]
+    assert events.wait_for(single.event_id)["name"] == "Rabbit.Done"
+    assert events.wait_for(refused.event_id)["name"] == "Rabbit.Failed"
+    for receipt in batch:
+        assert events.wait_for(receipt.event_id)["transaction"]["success"] is True
+    time.sleep(0.5)
+    assert {m.rcpt_tos[0] for m in smtp.received} == {
+        "one@example.com",
+        *(f"m{i}@example.com" for i in range(10)),
+    }
+    assert len(smtp.received) == 11
