@@ -222,7 +222,10 @@ def create_app(config: Config) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": config.visibility_timeout_s},
+        broker_transport_options={
+            **config.broker_transport_options,
+            "visibility_timeout": config.visibility_timeout_s,
+        },
         result_backend_transport_options={"visibility_timeout": config.visibility_timeout_s},
         worker_hijack_root_logger=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -159,6 +159,7 @@ class Config(BaseModel):
     result_backend: str = ""
     visibility_timeout_s: float = Field(default=3600.0, gt=0)
     lost_message_after_s: float | None = Field(default=None, gt=0)
+    broker_transport_options: dict[str, Any] = Field(default_factory=dict)
     idempotency_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     dead_letter_max: int = Field(default=10000, ge=1)
     transactions_max: int = Field(default=100000, ge=1)

@@ -194,7 +194,6 @@ class Deliverer:
                     event_id,
                     record.attempts,
                 )
-                job.raw = record.event
                 self._final(job, record.transaction, already=True)
                 continue
             try:
@@ -442,7 +441,7 @@ class Deliverer:
         next_at = datetime.fromtimestamp(due, UTC).isoformat()
         attempt = job.record.attempts
         result = self.outcomes.retry_result(job.event_id, reason, attempt, next_at)
-        job.retry = RetryWrite(job.event_id, due, result, counts=counts)
+        job.retry = RetryWrite(job.event_id, due, result, job.raw, counts=counts)
         job.outcome = Deferred(reason, delay_s, attempt)
 
     def close(self) -> None:

@@ -134,6 +134,7 @@ class RetryWrite:
     event_id: str
     due_s: float
     result: ResultWrite
+    raw_event: Any
     counts: bool = True
 
 
@@ -175,19 +176,19 @@ class Store:
         return self.begin_many([(event_id, raw_event)], queue)[0]
 
     def begin_many(self, events: list[tuple[str, Any]], queue: str) -> list[EventRecord]:
-        """``begin`` for several events in one round trip."""
+        """``begin`` for several events in one round trip. The raw event is kept in the record
+        only when it has to wait for a retry (``schedule_retries``)."""
         pipe = self.r.pipeline(transaction=False)
         for event_id, raw_event in events:
             key = event_key(event_id)
             pipe.hincrby(key, "attempts", 1)
-            pipe.hsetnx(key, "event", json.dumps(raw_event))
             pipe.hsetnx(key, "queue", queue)
             pipe.pexpire(key, self.ttl_ms)
             pipe.hgetall(key)
             pipe.hdel(names.PENDING_KEY, event_id)
             pipe.zrem(names.PENDING_INDEX_KEY, event_id)
         values = pipe.execute()
-        return [self._record(cast(dict[str, str], values[i * 7 + 4])) for i in range(len(events))]
+        return [self._record(cast(dict[str, str], values[i * 6 + 3])) for i in range(len(events))]
 
     def get(self, event_id: str) -> EventRecord | None:
         """The record of ``event_id``, or None."""
@@ -337,6 +338,7 @@ class Store:
             return
         pipe = self.r.pipeline(transaction=False)
         for retry in retries:
+            pipe.hset(event_key(retry.event_id), "event", json.dumps(retry.raw_event))
             pipe.zadd(RETRIES_KEY, {retry.event_id: int(retry.due_s * 1000)})
             if not retry.counts:  # waiting for a rate limit is not an attempt
                 pipe.hincrby(event_key(retry.event_id), "attempts", -1)
