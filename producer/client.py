@@ -128,6 +128,7 @@ class MailProducer:
         self.queue = queue
         self.batch_size = batch_size
         self.app = make_client_app(self.broker_url, self.result_backend)
+        self._client: redis.Redis | None = None
         self._routes: dict[str, str] = {}
         self._routes_read_at = -ROUTES_TTL_S
 
@@ -143,14 +144,12 @@ class MailProducer:
         return self._routes.get(instance, names.DEFAULT_QUEUE)
 
     def _read_routes(self) -> dict[str, str]:
-        if not self.result_backend.startswith(("redis://", "rediss://", "unix://")):
+        client = self._redis()
+        if client is None:
             return {}
         try:
-            client = redis.Redis.from_url(
-                self.result_backend, decode_responses=True, socket_connect_timeout=2
-            )
-            with client:
-                return cast(dict[str, str], client.hgetall(names.ROUTES_KEY))
+            routes = cast(dict[bytes, bytes], client.hgetall(names.ROUTES_KEY))
+            return {k.decode(): v.decode() for k, v in routes.items()}
         except redis.RedisError:
             return {}  # workers forward misrouted events to their instance's queue
 
@@ -214,9 +213,12 @@ class MailProducer:
         return [Receipt(e.event_id, self.app) for e in parsed]
 
     def _redis(self) -> redis.Redis | None:
+        """The result backend's Redis, one client (and connection pool) per producer."""
         if not self.result_backend.startswith(("redis://", "rediss://", "unix://")):
             return None
-        return redis.Redis.from_url(self.result_backend, socket_connect_timeout=5)
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.result_backend, socket_connect_timeout=5)
+        return self._client
 
     def _note_pending(self, chunks: list[tuple[str, list[MailEvent]]]) -> None:
         """Note each event as enqueued-not-started, so that workers can re-enqueue it should
@@ -226,7 +228,7 @@ class MailProducer:
             return
         now_ms = int(time.time() * 1000)
         try:
-            with client, client.pipeline(transaction=False) as pipe:
+            with client.pipeline(transaction=False) as pipe:
                 for _, chunk in chunks:
                     for event in chunk:
                         pipe.hset(names.PENDING_KEY, event.event_id, json.dumps(event.to_json()))
@@ -243,7 +245,7 @@ class MailProducer:
         if client is None or not events:
             return
         try:
-            with client, client.pipeline(transaction=False) as pipe:
+            with client.pipeline(transaction=False) as pipe:
                 for event in events:
                     pipe.hdel(names.PENDING_KEY, event.event_id)
                     pipe.zrem(names.PENDING_INDEX_KEY, event.event_id)
@@ -273,6 +275,9 @@ class MailProducer:
 
     def close(self) -> None:
         """Release the broker and result backend connections."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self.app.close()
 
     def __enter__(self) -> MailProducer:

@@ -153,8 +153,9 @@ class Deliverer:
         self._send_all(sending)
         try:
             self._record(jobs)
-        finally:
-            self.store.release_many([(j.event_id, j.token) for j in sending if j.token])
+        except BaseException:
+            self.store.release_many([(j.event_id, j.token) for j in jobs if j.token])
+            raise
         outcomes: list[Outcome] = []
         for job in jobs:
             assert job.outcome is not None
@@ -183,10 +184,13 @@ class Deliverer:
             if isinstance(raw, dict) and "eventId" not in raw and "event_id" not in raw:
                 raw = {**raw, "eventId": event_id}
             prepared.append((event_id, raw))
-        records = self.store.begin_many(prepared, queue)
+        leases = [self._lease_s(raw) for _, raw in prepared]
+        begun = self.store.begin_many(prepared, queue, leases)
         jobs: list[_Job] = []
-        for index, ((event_id, raw), record) in enumerate(zip(prepared, records, strict=True)):
-            job = _Job(index, event_id, raw, record)
+        for index, ((event_id, raw), (record, token)) in enumerate(
+            zip(prepared, begun, strict=True)
+        ):
+            job = _Job(index, event_id, raw, record, token=token)
             jobs.append(job)
             if record.transaction is not None:
                 log.info(
@@ -232,14 +236,18 @@ class Deliverer:
                 )
         return ready
 
+    def _lease_s(self, raw: Any) -> float:
+        """How long the send lock is taken: longer than one attempt can take (each SMTP step is
+        bounded by timeoutS); a worker killed while holding it delays the event's redelivery by
+        at most this much."""
+        instance = self.config.instances.get(_instance_name_of(raw))
+        return (instance.timeout_s if instance else 60.0) * 4 + 10
+
     def _lock_for_sending(self, jobs: list[_Job]) -> list[_Job]:
-        # Longer than one attempt can take (each SMTP step is bounded by timeoutS); a worker
-        # killed while holding it delays the event's redelivery by at most this much.
-        leases = [(j.event_id, j.instance.timeout_s * 4 + 10) for j in jobs if j.instance]
-        tokens = self.store.acquire_many(leases)
+        """The jobs whose send lock this run holds; the others wait for the lock holder."""
         sending: list[_Job] = []
-        for job, token in zip(jobs, tokens, strict=True):
-            if token is None:
+        for job in jobs:
+            if job.token is None:
                 log.info("event %s: another worker is sending it now; later", job.event_id)
                 self._defer(
                     job,
@@ -248,7 +256,6 @@ class Deliverer:
                     counts=False,
                 )
             else:
-                job.token = token
                 sending.append(job)
         return sending
 
@@ -286,7 +293,9 @@ class Deliverer:
                 tx.message,
                 extra={"event_id": tx.event_id, "instance": tx.instance, "outcome": outcome},
             )
-        self.store.mark_published([j.event_id for j in fresh])
+        self.store.mark_published(
+            [j.event_id for j in fresh], [(j.event_id, j.token) for j in jobs if j.token]
+        )
         self.store.schedule_retries([j.retry for j in jobs if j.retry is not None])
 
     # -- one event's attempt (runs on a pool thread) --------------------------------------

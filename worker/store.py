@@ -173,22 +173,33 @@ class Store:
 
     def begin(self, event_id: str, raw_event: Any, queue: str) -> EventRecord:
         """Count this run as an attempt and return the record, in one round trip."""
-        return self.begin_many([(event_id, raw_event)], queue)[0]
+        return self.begin_many([(event_id, raw_event)], queue, [0.0])[0][0]
 
-    def begin_many(self, events: list[tuple[str, Any]], queue: str) -> list[EventRecord]:
-        """``begin`` for several events in one round trip. The raw event is kept in the record
-        only when it has to wait for a retry (``schedule_retries``)."""
+    def begin_many(
+        self, events: list[tuple[str, Any]], queue: str, leases_s: list[float]
+    ) -> list[tuple[EventRecord, str | None]]:
+        """For each event in one round trip: count this run as an attempt, take its send lock
+        for ``lease_s`` (None when another worker holds it; 0 = do not lock), and read its
+        record. The raw event is kept in the record only when it has to wait for a retry."""
+        tokens = [uuid.uuid4().hex if lease else None for lease in leases_s]
         pipe = self.r.pipeline(transaction=False)
-        for event_id, raw_event in events:
+        for (event_id, _raw), token, lease_s in zip(events, tokens, leases_s, strict=True):
             key = event_key(event_id)
+            if token is not None:
+                pipe.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
             pipe.hincrby(key, "attempts", 1)
             pipe.hsetnx(key, "queue", queue)
             pipe.pexpire(key, self.ttl_ms)
             pipe.hgetall(key)
             pipe.hdel(names.PENDING_KEY, event_id)
             pipe.zrem(names.PENDING_INDEX_KEY, event_id)
-        values = pipe.execute()
-        return [self._record(cast(dict[str, str], values[i * 6 + 3])) for i in range(len(events))]
+        values = iter(pipe.execute())
+        out: list[tuple[EventRecord, str | None]] = []
+        for token in tokens:
+            locked = next(values) if token is not None else False
+            _attempts, _queue, _ttl, data, _hdel, _zrem = (next(values) for _ in range(6))
+            out.append((self._record(cast(dict[str, str], data)), token if locked else None))
+        return out
 
     def get(self, event_id: str) -> EventRecord | None:
         """The record of ``event_id``, or None."""
@@ -263,13 +274,16 @@ class Store:
         if failures:
             self._trim_dead_letters()
 
-    def mark_published(self, event_ids: list[str]) -> None:
-        """The instance events of these events are out: nothing is left to repeat."""
-        if not event_ids:
+    def mark_published(self, event_ids: list[str], release: list[tuple[str, str]]) -> None:
+        """The instance events of these events are out (nothing is left to repeat), and the
+        send locks in ``release`` are given back if still ours, in one round trip."""
+        if not event_ids and not release:
             return
         pipe = self.r.pipeline(transaction=False)
         for event_id in event_ids:
             pipe.hset(event_key(event_id), "finalized", "1")
+        for event_id, token in release:
+            self._release(keys=[lock_key(event_id)], args=[token], client=pipe)
         pipe.execute()
 
     def _trim_dead_letters(self) -> None:
@@ -284,27 +298,8 @@ class Store:
 
     # -- the send lock ---------------------------------------------------------------------
 
-    def acquire(self, event_id: str, lease_s: float) -> str | None:
-        """Take the send lock for ``lease_s`` seconds; None when another worker holds it."""
-        return self.acquire_many([(event_id, lease_s)])[0]
-
-    def acquire_many(self, leases: list[tuple[str, float]]) -> list[str | None]:
-        """``acquire`` for several events in one round trip."""
-        if not leases:
-            return []
-        tokens = [uuid.uuid4().hex for _ in leases]
-        pipe = self.r.pipeline(transaction=False)
-        for (event_id, lease_s), token in zip(leases, tokens, strict=True):
-            pipe.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
-        results = pipe.execute()
-        return [t if ok else None for t, ok in zip(tokens, results, strict=True)]
-
-    def release(self, event_id: str, token: str) -> None:
-        """Give the lock back if it is still ours."""
-        self.release_many([(event_id, token)])
-
     def release_many(self, held: list[tuple[str, str]]) -> None:
-        """``release`` for several locks in one round trip."""
+        """Give send locks back (those still ours), in one round trip."""
         if not held:
             return
         pipe = self.r.pipeline(transaction=False)
