@@ -111,7 +111,6 @@ def _event_id_of(raw: Any, task_id: str) -> str:
 class _Job:
     """One event of a batch on its way through ``run_many``."""
 
-    index: int
     event_id: str
     raw: Any
     record: EventRecord
@@ -166,7 +165,7 @@ class Deliverer:
         """Final failure for an event that hit an unexpected error (kept as a dead letter)."""
         event_id = _event_id_of(raw, task_id)
         record = self.store.get(event_id) or EventRecord(attempts=1)
-        job = _Job(0, event_id, raw, record)
+        job = _Job(event_id, raw, record)
         if record.transaction is not None:
             self._final(job, record.transaction, already=True)
         else:
@@ -187,10 +186,8 @@ class Deliverer:
         leases = [self._lease_s(raw) for _, raw in prepared]
         begun = self.store.begin_many(prepared, queue, leases)
         jobs: list[_Job] = []
-        for index, ((event_id, raw), (record, token)) in enumerate(
-            zip(prepared, begun, strict=True)
-        ):
-            job = _Job(index, event_id, raw, record, token=token)
+        for (event_id, raw), (record, token) in zip(prepared, begun, strict=True):
+            job = _Job(event_id, raw, record, token=token)
             jobs.append(job)
             if record.transaction is not None:
                 log.info(

@@ -2,12 +2,16 @@
 
 Keys (all under ``mailsender:``):
 
-- ``event:<id>`` hash — the idempotency record: ``attempts``, the raw ``event`` (for retries
-  and replay), the ``queue`` it came from, recipients ``accepted`` and ``refused`` so far, the
-  final ``transaction``, whether it was ``logged`` (stream entry, dead letter) and
-  ``finalized`` (instance event published).
+- ``event:<id>`` hash — the idempotency record: ``attempts``, the raw ``event`` (only while it
+  waits for a retry), the ``queue`` it came from, recipients ``accepted`` and ``refused`` so
+  far, the final ``transaction``, whether it was ``logged`` (stream entry, dead letter), who
+  claimed ``publishing`` its instance event and when, and ``finalized`` (event published).
   Expires ``idempotency_ttl_s`` after the last attempt.
 - ``lock:<id>`` — held while one worker talks SMTP for the event.
+- ``pending`` hash + ``pending:index`` sorted set — written by producers, removed when a worker
+  starts the event; what stays too long had its broker message lost and is enqueued again.
+- ``rate:<instance>:<window>`` — fleet-wide send counts for ``rateLimit``.
+- ``routes`` hash — instance → queue, published by workers for producers.
 - ``retries`` sorted set — event ids waiting for their next attempt, scored by due time (ms).
   Retries wait here, not as unacked ETA messages, so a long back-off can never be handed out
   twice by the broker's visibility timeout.
