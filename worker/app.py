@@ -160,6 +160,16 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
         except Exception:  # keeping it must never stop the consumer
             log.exception("could not keep a rejected task message")
 
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Survive kombu's Redis transport failing to close a connection that is already gone
+        (it tries to restore unacked messages through it and raises AttributeError, which
+        Celery treats as unrecoverable). Those messages stay unacked in Redis and are restored
+        after the visibility timeout; their events are idempotent."""
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as err:
+            log.warning("broker connection lost uncleanly (%s); reconnecting", err)
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._keep(message, f"the task message cannot be decoded ({exc}); only JSON is accepted")
         super().on_decode_error(message, exc)
@@ -173,8 +183,10 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
         super().on_invalid_task(body, message, exc)
 
 
-def enqueue_raw(app: Celery, raw: Any, event_id: str, queue: str) -> None:
-    """Enqueue a raw event again under its own id (retries and replay), redacted for Flower."""
+def enqueue_raw(app: Celery, store: Store, raw: Any, event_id: str, queue: str) -> None:
+    """Enqueue a raw event again under its own id (retries, replay, forwarding, lost messages),
+    noted as pending first so that a lost broker message is found again; redacted for Flower."""
+    store.note_pending([(event_id, raw)])
     app.send_task(
         names.TASK_NAME,
         kwargs={"event": raw},
@@ -189,7 +201,7 @@ def pump_once(app: Celery, store: Store) -> int:
     """Publish every due retry once; returns how many were published."""
     published = 0
     for due in store.claim_due(RETRY_CLAIM_LEASE_S):
-        enqueue_raw(app, due.event, due.event_id, due.queue)
+        enqueue_raw(app, store, due.event, due.event_id, due.queue)
         store.confirm_published(due)
         published += 1
     return published
@@ -203,7 +215,7 @@ def sweep_lost(app: Celery, store: Store, older_than_s: float) -> int:
         name = raw.get("instance") if isinstance(raw, dict) else None
         queue = config.queue_of(name) if isinstance(name, str) else names.DEFAULT_QUEUE
         log.warning("event %s: enqueued but never started; enqueued again", event_id)
-        enqueue_raw(app, raw, event_id, queue)
+        enqueue_raw(app, store, raw, event_id, queue)
     return len(lost)
 
 
@@ -281,7 +293,7 @@ def create_app(config: Config) -> Celery:
                 continue
             event_id = raw.get("eventId") or raw.get("event_id") or task_id
             log.info("event %s: forwarded from queue %s to %s", event_id, queue, target)
-            enqueue_raw(app, raw, str(event_id), target)
+            enqueue_raw(app, runtime().store, raw, str(event_id), target)
         return local
 
     @app.task(  # type: ignore[untyped-decorator]

@@ -349,6 +349,7 @@ def replay(event_ids: tuple[str, ...]) -> None:
                 continue
             enqueue_raw(
                 producer.app,
+                store,
                 letter["event"],
                 event_id,
                 producer.queue_for(str(letter.get("instance", ""))),

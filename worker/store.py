@@ -381,12 +381,25 @@ class Store:
         )
         lost: list[tuple[str, Any]] = []
         for event_id in ids:
+            # A run removes the note when it begins, so a note still here means no run began
+            # since the event was (re-)enqueued.
             raw = cast(str | None, self.r.hget(names.PENDING_KEY, event_id))
-            if raw is None or self.r.exists(event_key(event_id)):
+            if raw is None:
                 self.r.zrem(names.PENDING_INDEX_KEY, event_id)
                 continue
             lost.append((event_id, json.loads(raw)))
         return lost
+
+    def note_pending(self, events: list[tuple[str, Any]]) -> None:
+        """Note events as enqueued-not-started (as producers do), before publishing them."""
+        if not events:
+            return
+        now_ms = int(time.time() * 1000)
+        pipe = self.r.pipeline(transaction=False)
+        for event_id, raw in events:
+            pipe.hset(names.PENDING_KEY, event_id, json.dumps(raw))
+            pipe.zadd(names.PENDING_INDEX_KEY, {event_id: now_ms})
+        pipe.execute()
 
     # -- dead letters ----------------------------------------------------------------------
 

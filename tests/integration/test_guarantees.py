@@ -352,3 +352,38 @@ def test_an_event_whose_broker_message_was_lost_is_enqueued_again(
     assert f"event {receipt.event_id}: enqueued but never started; enqueued again" in worker.log()
     backend = redis.Redis.from_url(own_redis.url(1))
     assert backend.hlen("mailsender:pending") == 0
+
+
+def test_redis_restart_while_mails_are_in_flight_the_worker_survives(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    smtp.add_rule(Rule("data", "", times=None, delay_s=0.7))  # tasks are mid-send at the stop
+    config = config_for(own_redis, smtp, timeoutS=10)
+    worker = WorkerProcess(tmp_path, config, name="w", pool="prefork", concurrency=2).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipts = producer.send_many(
+            [
+                MailEvent(
+                    instance="Crash",
+                    subject=f"flight {i}",
+                    message="x",
+                    recipients=f"f{i}@example.com",
+                )
+                for i in range(6)
+            ],
+            batch_size=1,
+        )
+        assert smtp.wait_for(lambda s: s.transactions >= 2, timeout_s=10)
+        own_redis.stop()
+        time.sleep(1.5)
+        own_redis.start()
+        outcomes = [r.wait(timeout_s=60) for r in receipts]
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log()[-3000:]
+    finally:
+        worker.stop()
+        producer.close()
+    assert all(t.success for t in outcomes)
+    copies = copies_by_message_id(smtp)
+    assert len(copies) == 6
+    assert set(copies.values()) == {1}
