@@ -12,6 +12,7 @@ from producer.errors import (
     MailDeliveryDeferred,
     MailDeliveryFailed,
     MailSenderError,
+    ProducerConfigError,
 )
 from producer.models import Attachment, InstanceEvent, MailEvent, Transaction
 
@@ -25,6 +26,7 @@ __all__ = [
     "MailEvent",
     "MailProducer",
     "MailSenderError",
+    "ProducerConfigError",
     "Receipt",
     "Transaction",
 ]

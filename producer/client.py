@@ -6,6 +6,7 @@ that knows the task name ``mailsender.send``, JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer import names
-from producer.errors import EnqueueFailed, MailDeliveryFailed
+from producer.errors import EnqueueFailed, InvalidEvent, MailDeliveryFailed, ProducerConfigError
 from producer.models import MailEvent, Transaction
 
 PUBLISH_RETRY_POLICY: dict[str, float] = {
@@ -83,6 +84,8 @@ class Receipt:
 
         Raises ``TimeoutError`` when there is no final outcome within ``timeout_s`` seconds.
         """
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
         result = AsyncResult(self.event_id, app=self._app)
         try:
             value = result.get(timeout=timeout_s, propagate=False, interval=0.05)
@@ -90,6 +93,12 @@ class Receipt:
             raise TimeoutError(
                 f"no outcome for event {self.event_id} within {timeout_s:g} s"
             ) from None
+        finally:
+            # Unsubscribe now: left to AsyncResult.__del__, it may run at interpreter exit
+            # and print an "Exception ignored" traceback.
+            with contextlib.suppress(Exception):
+                self._app.backend.remove_pending_result(result)
+            result.backend = None
         if isinstance(value, MailDeliveryFailed):
             return value.transaction
         if isinstance(value, BaseException):
@@ -125,6 +134,8 @@ class MailProducer:
         self.result_backend = (
             result_backend or os.environ.get(names.ENV_RESULT_BACKEND) or self.broker_url
         )
+        _check_url("broker", self.broker_url, BROKER_SCHEMES)
+        _check_url("result backend", self.result_backend, BACKEND_SCHEMES)
         self.queue = queue
         self.batch_size = batch_size
         self.app = make_client_app(self.broker_url, self.result_backend)
@@ -173,7 +184,15 @@ class MailProducer:
         (task ``mailsender.send_batch``); each keeps its own id, result and instance event.
         If any event is invalid, none is enqueued.
         """
-        parsed = [MailEvent.parse(e) for e in events]
+        items = list(events)
+        parsed: list[MailEvent] = []
+        for index, item in enumerate(items):
+            try:
+                parsed.append(MailEvent.parse(item))
+            except InvalidEvent as exc:
+                if len(items) == 1:
+                    raise
+                raise InvalidEvent(f"event {index} of {len(items)}: {exc}") from None
         size = max(1, batch_size or self.batch_size)
         by_queue: dict[str, list[MailEvent]] = {}
         for event in parsed:
@@ -285,6 +304,19 @@ class MailProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "unix")
+BACKEND_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise ProducerConfigError(
+            f"the {what} URL {_redact(url)!r} is not of a supported kind ({allowed})"
+        )
 
 
 def _redact(url: str) -> str:

@@ -2,6 +2,7 @@
 
     MailSenderError                 root of everything MailSender raises on purpose
     ├── InvalidEvent (ValueError)   an event that cannot be sent: fix the event
+    ├── ProducerConfigError (ValueError)  a broker or result backend URL of an unknown kind
     ├── EnqueueFailed               the broker could not be reached: nothing was enqueued
     ├── MailDeliveryFailed          the final outcome of an event was a failure (.transaction)
     └── MailDeliveryDeferred        a transient failure; the event waits for its next attempt
@@ -25,6 +26,10 @@ class MailSenderError(Exception):
 
 class InvalidEvent(MailSenderError, ValueError):
     """The mail event is not valid; the message names the field and the problem."""
+
+
+class ProducerConfigError(MailSenderError, ValueError):
+    """The producer cannot work with the URLs it was given."""
 
 
 class EnqueueFailed(MailSenderError):

@@ -33,6 +33,7 @@ from producer.errors import InvalidEvent
 
 INSTANCE_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 _EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+$")
 
 
@@ -61,6 +62,8 @@ def check_header_text(value: str) -> str:
     """
     if "\r" in value or "\n" in value:
         raise ValueError("contains a line break (CR or LF), which is not allowed in a header")
+    if _CONTROL.search(value):
+        raise ValueError("contains a control character, which is not allowed in a header")
     if "=?" in value:
         try:
             parts = decode_header(value)

@@ -309,6 +309,15 @@ def create_app(config: Config) -> Celery:
     def send(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Deliver one mail event (contract §3: keyword argument ``event``)."""
         raw = kwargs.get("event", args[0] if args else None)
+        if isinstance(raw, dict):
+            event_id = raw.get("eventId", raw.get("event_id"))
+            if isinstance(event_id, str) and event_id and event_id != self.request.id:
+                log.warning(
+                    "event %s arrived as task %s: its outcome is stored under the event id; "
+                    "send events with task id = eventId",
+                    event_id,
+                    self.request.id,
+                )
         outcomes = deliver(self, [(raw, self.request.id)])
         if not outcomes:
             return {"forwarded": True}

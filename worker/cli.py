@@ -15,6 +15,7 @@ import redis
 from kombu import Connection
 from kombu.exceptions import OperationalError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from producer import names
@@ -107,14 +108,40 @@ def worker(ctx: click.Context) -> None:
     app.worker_main(["worker", *args])
 
 
+def _check_services(config: Config) -> list[tuple[str, str, str | None]]:
+    """Can the broker and the result backend be reached? (role, url, problem or None)."""
+    out: list[tuple[str, str, str | None]] = []
+    try:
+        with Connection(config.broker_url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+        out.append(("broker", config.broker_url, None))
+    except Exception as exc:  # any transport error is a finding here, not a crash
+        out.append(("broker", config.broker_url, f"cannot connect: {exc}"))
+    try:
+        client = redis.Redis.from_url(config.backend_url, socket_connect_timeout=3)
+        with client:
+            client.ping()
+        out.append(("result backend", config.backend_url, None))
+    except redis.RedisError as exc:
+        out.append(("result backend", config.backend_url, f"cannot connect: {exc}"))
+    return out
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def _print_transaction(tx: Transaction) -> None:
     out.print_json(json.dumps(tx.to_json()))
 
 
 @main.command()
 @click.argument("instance")
-@click.option("--subject", "-s", default="", help="Subject line.")
-@click.option("--message", "-m", default="", help="Body text (HTML with --html).")
+@click.option("--subject", "-s", required=True, help="Subject line.")
+@click.option("--message", "-m", required=True, help="Body text (HTML with --html).")
 @click.option("--html", "is_html", is_flag=True, help="The message is HTML.")
 @click.option("--to", "recipients", default="", help="Recipients, comma-separated.")
 @click.option("--cc", default="", help="Cc, comma-separated.")
@@ -128,9 +155,16 @@ def _print_transaction(tx: Transaction) -> None:
     help="A local file, sent inline (repeatable).",
 )
 @click.option("--event-id", default=None, help="Idempotency key (generated when absent).")
-@click.option("--wait", is_flag=True, help="Wait for the transaction; exit 1 if it failed.")
 @click.option(
-    "--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds to wait with --wait."
+    "--wait", is_flag=True, help="Wait for the transaction; exit 1 if it failed, 3 on time-out."
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    help="Seconds to wait with --wait.",
 )
 def send(
     instance: str,
@@ -174,7 +208,10 @@ def send(
         receipt = producer.send(event)
         out.print(receipt.event_id)
         if wait:
-            tx = receipt.wait(timeout_s)
+            try:
+                tx = receipt.wait(timeout_s)
+            except TimeoutError as exc:
+                fail(str(exc), 3)
             _print_transaction(tx)
             if not tx.success:
                 raise SystemExit(1)
@@ -235,7 +272,13 @@ def _print_event(body: Any, as_json: bool) -> None:
 @main.command()
 @click.option("--interface", default=None, help="Only this interface.")
 @click.option("--errors", "errors_only", is_flag=True, help="Failures only.")
-@click.option("--limit", default=20, show_default=True, help="Latest N per endpoint.")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1, max=10000),
+    help="Latest N per endpoint.",
+)
 def transactions(interface: str | None, errors_only: bool, limit: int) -> None:
     """The monitoring overview: latest transactions per interface and endpoint."""
     from worker.app import make_store
@@ -298,6 +341,10 @@ def check() -> None:
     for col in ("instance", "server", "result", "TLS", "AUTH offered", "SIZE", "SMTPUTF8"):
         table.add_column(col, overflow="fold")
     failures = 0
+    for role, url, finding in _check_services(config):
+        failures += finding is not None
+        verdict = "[green]ok[/green]" if finding is None else f"[red]{escape(finding)}[/red]"
+        table.add_row(f"({role})", _redact(url), verdict, "", "", "", "")
     for name, instance in sorted(config.instances.items()):
         conn = SmtpConnection(name, instance)
         server = f"{instance.mail_server}:{instance.port}"
@@ -306,7 +353,7 @@ def check() -> None:
             info = conn.server_info()
         except DeliveryError as exc:
             failures += 1
-            table.add_row(name, server, f"[red]{exc}[/red]", "", "", "", "")
+            table.add_row(name, server, f"[red]{escape(str(exc))}[/red]", "", "", "", "")
             continue
         finally:
             conn.close()
@@ -324,7 +371,7 @@ def check() -> None:
         )
     out.print(table)
     if failures:
-        fail(f"{failures} of {len(config.instances)} instance(s) failed the check")
+        fail(f"{failures} check(s) failed")
 
 
 @main.command()

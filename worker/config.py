@@ -33,6 +33,11 @@ DEFAULT_CONFIG_PATH = "./mailsender.yaml"
 ENV_ATTACHMENT_ROOT = "MAILSENDER_ATTACHMENT_ROOT"
 ENV_LOG_FORMAT = "MAILSENDER_LOG_FORMAT"
 
+DAY_S = 24 * 3600.0
+BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "unix")
+BACKEND_SCHEMES = ("redis", "rediss", "unix")
+MAX_CONFIG_BYTES = 1024 * 1024
+
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 
@@ -79,13 +84,13 @@ class InstanceConfig(BaseModel):
     interface: str = ""
     ca_file: Path | None = None
     max_retries: int = Field(default=10, ge=0, le=1000)
-    retry_delay_s: float = Field(default=10.0, gt=0)
-    retry_delay_max_s: float = Field(default=600.0, gt=0)
-    timeout_s: float = Field(default=60.0, gt=0)
+    retry_delay_s: float = Field(default=10.0, gt=0, le=DAY_S)
+    retry_delay_max_s: float = Field(default=600.0, gt=0, le=7 * DAY_S)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
     max_connections: int = Field(default=8, ge=1, le=100)
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")
     rate_limit: str | None = None
-    max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0, le=1024**3)
 
     @field_validator("mail_server")
     @classmethod
@@ -150,6 +155,14 @@ class InstanceConfig(BaseModel):
         return parse_address_list(self.sender)[0].addr_spec
 
 
+def _url_ok(value: str, schemes: tuple[str, ...]) -> str:
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"{value!r} is not a URL of a supported kind ({allowed})")
+    return value
+
+
 class Config(BaseModel):
     """The whole worker configuration."""
 
@@ -157,15 +170,25 @@ class Config(BaseModel):
 
     broker_url: str = names.DEFAULT_BROKER_URL
     result_backend: str = ""
-    visibility_timeout_s: float = Field(default=3600.0, gt=0)
-    lost_message_after_s: float | None = Field(default=None, gt=0)
+    visibility_timeout_s: float = Field(default=3600.0, gt=0, le=30 * DAY_S)
+    lost_message_after_s: float | None = Field(default=None, gt=0, le=30 * DAY_S)
     broker_transport_options: dict[str, Any] = Field(default_factory=dict)
-    idempotency_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    dead_letter_max: int = Field(default=10000, ge=1)
-    transactions_max: int = Field(default=100000, ge=1)
+    idempotency_ttl_s: float = Field(default=7 * DAY_S, gt=0, le=366 * DAY_S)
+    dead_letter_max: int = Field(default=10000, ge=1, le=10_000_000)
+    transactions_max: int = Field(default=100000, ge=1, le=100_000_000)
     attachment_root: Path | None = None
     log_format: Literal["text", "json"] = "text"
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_ok(cls, value: str) -> str:
+        return _url_ok(value, BROKER_SCHEMES)
+
+    @field_validator("result_backend")
+    @classmethod
+    def _backend_url_ok(cls, value: str) -> str:
+        return _url_ok(value, BACKEND_SCHEMES) if value else value
 
     @property
     def lost_after_s(self) -> float:
@@ -237,21 +260,30 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     errors: list[str] = []
     raw = dict(raw)
     instances_raw = raw.pop("instances", None) or {}
-    top = _expand(raw, env, "", errors)
-    if names.ENV_BROKER_URL in env:
-        top["broker_url"] = env[names.ENV_BROKER_URL]
-    if names.ENV_RESULT_BACKEND in env:
-        top["result_backend"] = env[names.ENV_RESULT_BACKEND]
-    if ENV_ATTACHMENT_ROOT in env:
-        top["attachment_root"] = env[ENV_ATTACHMENT_ROOT]
-    if ENV_LOG_FORMAT in env:
-        top["log_format"] = env[ENV_LOG_FORMAT]
+    top: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_errors: list[str] = []
+        expanded_value = _expand(value, env, str(key), key_errors)
+        errors.extend(key_errors)
+        if not key_errors:  # a key whose ${NAME} is unset is reported once, not validated too
+            top[key] = expanded_value
+    overrides = {
+        names.ENV_BROKER_URL: "broker_url",
+        names.ENV_RESULT_BACKEND: "result_backend",
+        ENV_ATTACHMENT_ROOT: "attachment_root",
+        ENV_LOG_FORMAT: "log_format",
+    }
+    for variable, key in overrides.items():
+        if env.get(variable, "").strip():  # set but empty counts as unset
+            top[key] = env[variable].strip()
     instances: dict[str, InstanceConfig] = {}
     if not isinstance(instances_raw, dict):
         errors.append("instances: must be a mapping of instance name to its parameters")
         instances_raw = {}
     for name, params in instances_raw.items():
-        name = str(name)
+        if not isinstance(name, str):
+            errors.append(f"instance {name!r}: the name must be text (quote it in YAML)")
+            continue
         prefix = f"instance {name!r}: "
         if not _INSTANCE_NAME.match(name):
             errors.append(f"{prefix}the name may contain only letters, digits, '_', '-' and '.'")
@@ -281,7 +313,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     env = os.environ if env is None else env
     path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"configuration file {str(path)!r} is larger than 1 MiB"])
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"configuration file {str(path)!r} is not UTF-8 text"]) from None
     except FileNotFoundError:
         raise ConfigError(
             [f"configuration file {str(path)!r} not found (set {ENV_CONFIG} to its path)"]
@@ -291,9 +327,24 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             [f"configuration file {str(path)!r} cannot be read: {exc.strerror}"]
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"configuration file {str(path)!r} is not valid YAML{where}"]) from None
+        why = " (aliases like *name are not allowed)" if "alias" in str(exc) else ""
+        raise ConfigError(
+            [f"configuration file {str(path)!r} is not valid YAML{where}{why}"]
+        ) from None
     return parse_config(raw, env)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a few nested aliases can expand to gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)

@@ -41,6 +41,8 @@ from worker.devserver import DevSmtpServer, make_tls_material, quiet_aiosmtpd_lo
 from worker.outcomes import EVENTS_QUEUE
 
 console = Console(highlight=False)
+if not console.is_terminal:  # a log or CI: wide enough that table cells do not wrap
+    console.width = max(console.width, 140)
 
 REFUSED = "nobody@demo.invalid"
 DEMO_DB = 15
@@ -346,7 +348,7 @@ def _payload(part: object) -> bytes:
 def transactions_table(txs: list[Transaction]) -> Table:
     """The transactions of this run as a table."""
     table = Table(title="Transactions")
-    for col in ("", "event", "subject / outcome", "recipients", "refused", "attempts"):
+    for col in ("", "event", "outcome", "recipients", "refused", "attempts"):
         table.add_column(col, overflow="fold")
     for tx in txs:
         table.add_row(
@@ -379,7 +381,7 @@ def run_demo(count: int = 20, outbox: Path = Path("demo-outbox")) -> int:
             ) as smtpd,
         ):
             console.print(
-                f"SMTP: embedded server on 127.0.0.1:{smtpd.port} "
+                f"SMTP: embedded server on localhost:{smtpd.port} "
                 f"(STARTTLS, AUTH), mails go to {outbox}/"
             )
             config = {

@@ -202,7 +202,7 @@ def test_check_against_real_servers(
     assert "ok" not in bad.split("BadPassword", 1)[1].split("│")[2]
     assert "535" in bad
     assert "not-the-password" not in result.stdout + result.stderr
-    assert result.stderr.strip() == "mailsender: 1 of 3 instance(s) failed the check"
+    assert result.stderr.strip() == "mailsender: 1 check(s) failed"
     # check sends nothing
     assert fleet.secure.received == [] and fleet.secure.transactions == 0
     assert fleet.plain.received == [] and fleet.plain.transactions == 0
@@ -275,9 +275,9 @@ def test_send_wait_exits_1_when_the_send_fails(fleet: Servers, cli_env: dict[str
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        (["--to", "not an address"], "recipients"),
+        (["--subject", "s", "--to", "not an address"], "recipients"),
         (["--to", "alice@example.com", "--subject", "a\nBcc: evil@example.com"], "subject"),
-        (["--to", "alice@example.com", "--reply-to", "@@"], "replyTo"),
+        (["--subject", "s", "--to", "alice@example.com", "--reply-to", "@@"], "replyTo"),
     ],
     ids=["recipients", "subject-with-newline", "reply-to"],
 )
@@ -495,3 +495,49 @@ def test_the_producer_never_imports_the_worker() -> None:
     result = run([sys.executable, "-c", code], env, timeout_s=30)
     assert result.returncode == 0, f"producer imported: {result.stdout} {result.stderr}"
     assert result.stdout.strip() == ""
+
+
+def test_send_wait_time_out_is_exit_3_and_one_sentence(
+    fleet: Servers, cli_env: dict[str, str]
+) -> None:
+    fleet.plain.add_rule(Rule("data", "", times=1, delay_s=3))  # slower than --timeout
+    result = mailsender(
+        "send",
+        "Plain",
+        "--subject",
+        "s",
+        "--message",
+        "m",
+        "--to",
+        "a@example.com",
+        "--wait",
+        "--timeout",
+        "1",
+        env=cli_env,
+    )
+    assert result.returncode == 3
+    assert_no_traceback(result)
+    assert "Exception ignored" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("mailsender: no outcome for event ") and line.endswith("within 1 s")
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5"])
+def test_send_refuses_a_timeout_that_is_not_positive(
+    fleet: Servers, cli_env: dict[str, str], timeout: str
+) -> None:
+    result = mailsender(
+        "send",
+        "Plain",
+        "--subject",
+        "s",
+        "--message",
+        "m",
+        "--wait",
+        "--timeout",
+        timeout,
+        env=cli_env,
+    )
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    assert "--timeout" in result.stderr

@@ -19,6 +19,7 @@ PUBLIC = [
     "MailEvent",
     "MailProducer",
     "MailSenderError",
+    "ProducerConfigError",
     "Receipt",
     "Transaction",
 ]
