@@ -134,8 +134,8 @@ class MailProducer:
         self.result_backend = (
             result_backend or os.environ.get(names.ENV_RESULT_BACKEND) or self.broker_url
         )
-        _check_url("broker", self.broker_url, BROKER_SCHEMES)
-        _check_url("result backend", self.result_backend, BACKEND_SCHEMES)
+        _check_url("broker", self.broker_url, names.BROKER_SCHEMES)
+        _check_url("result backend", self.result_backend, names.BACKEND_SCHEMES)
         self.queue = queue
         self.batch_size = batch_size
         self.app = make_client_app(self.broker_url, self.result_backend)
@@ -226,7 +226,7 @@ class MailProducer:
         except OperationalError as exc:
             self._forget_pending([e for _, chunk in chunks for e in chunk][enqueued:])
             raise EnqueueFailed(
-                f"could not enqueue to the broker at {_redact(self.broker_url)} "
+                f"could not enqueue to the broker at {redact_url(self.broker_url)} "
                 f"({enqueued} of {len(parsed)} enqueued): {exc}"
             ) from exc
         return [Receipt(e.event_id, self.app) for e in parsed]
@@ -255,7 +255,7 @@ class MailProducer:
                 pipe.execute()
         except redis.RedisError as exc:
             raise EnqueueFailed(
-                f"could not enqueue: the result backend at {_redact(self.result_backend)} "
+                f"could not enqueue: the result backend at {redact_url(self.result_backend)} "
                 f"cannot be reached ({exc}); nothing was enqueued"
             ) from exc
 
@@ -306,20 +306,16 @@ class MailProducer:
         self.close()
 
 
-BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "unix")
-BACKEND_SCHEMES = ("redis", "rediss", "unix")
-
-
 def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in schemes)
         raise ProducerConfigError(
-            f"the {what} URL {_redact(url)!r} is not of a supported kind ({allowed})"
+            f"the {what} URL {redact_url(url)!r} is not of a supported kind ({allowed})"
         )
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """A URL without its password, for messages."""
     if "@" not in url or "://" not in url:
         return url

@@ -40,6 +40,12 @@ DEFAULT_BROKER_URL: Final = "redis://localhost:6379/0"
 ENV_BROKER_URL: Final = "MAILSENDER_BROKER_URL"
 ENV_RESULT_BACKEND: Final = "MAILSENDER_RESULT_BACKEND"
 
+BROKER_SCHEMES: Final = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "unix")
+"""URL schemes a broker URL may have (Celery's Redis and AMQP transports)."""
+
+BACKEND_SCHEMES: Final = ("redis", "rediss", "unix")
+"""URL schemes of the result backend: a Redis, which also keeps MailSender's own state."""
+
 DONE: Final = "Done"
 FAILED: Final = "Failed"
 

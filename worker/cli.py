@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from producer import names
-from producer.client import MailProducer
+from producer.client import MailProducer, redact_url
 from producer.errors import MailSenderError
 from producer.models import Attachment, InstanceEvent, MailEvent, Transaction
 from worker.config import ENV_CONFIG, Config, load_config
@@ -125,13 +125,6 @@ def _check_services(config: Config) -> list[tuple[str, str, str | None]]:
     except redis.RedisError as exc:
         out.append(("result backend", config.backend_url, f"cannot connect: {exc}"))
     return out
-
-
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def _print_transaction(tx: Transaction) -> None:
@@ -344,7 +337,7 @@ def check() -> None:
     for role, url, finding in _check_services(config):
         failures += finding is not None
         verdict = "[green]ok[/green]" if finding is None else f"[red]{escape(finding)}[/red]"
-        table.add_row(f"({role})", _redact(url), verdict, "", "", "", "")
+        table.add_row(f"({role})", redact_url(url), verdict, "", "", "", "")
     for name, instance in sorted(config.instances.items()):
         conn = SmtpConnection(name, instance)
         server = f"{instance.mail_server}:{instance.port}"

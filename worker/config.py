@@ -34,8 +34,6 @@ ENV_ATTACHMENT_ROOT = "MAILSENDER_ATTACHMENT_ROOT"
 ENV_LOG_FORMAT = "MAILSENDER_LOG_FORMAT"
 
 DAY_S = 24 * 3600.0
-BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "unix")
-BACKEND_SCHEMES = ("redis", "rediss", "unix")
 MAX_CONFIG_BYTES = 1024 * 1024
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -183,12 +181,12 @@ class Config(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _broker_url_ok(cls, value: str) -> str:
-        return _url_ok(value, BROKER_SCHEMES)
+        return _url_ok(value, names.BROKER_SCHEMES)
 
     @field_validator("result_backend")
     @classmethod
     def _backend_url_ok(cls, value: str) -> str:
-        return _url_ok(value, BACKEND_SCHEMES) if value else value
+        return _url_ok(value, names.BACKEND_SCHEMES) if value else value
 
     @property
     def lost_after_s(self) -> float:
