@@ -1,10 +1,12 @@
 """The same worker and producer with RabbitMQ (`amqp://`) as the broker; Redis stays the result
 backend. Needs the RabbitMQ on 127.0.0.1:5672 (guest/guest) that this machine kind runs: skipped
-when it does not answer, except in CI, where that is a failure."""
+when it does not answer, except in CI with RabbitMQ installed (.ci/run starts it), where that
+is a failure."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -32,8 +34,8 @@ def _rabbitmq_answers() -> bool:
 @pytest.fixture
 def amqp_fleet(tmp_path: Path) -> Iterator[tuple[MailProducer, TestSmtpServer, EventsReader]]:
     if not _rabbitmq_answers():
-        if os.environ.get("CI"):
-            pytest.fail("RabbitMQ does not answer on 127.0.0.1:5672")
+        if os.environ.get("CI") and shutil.which("rabbitmq-server"):
+            pytest.fail("RabbitMQ is installed but does not answer on 127.0.0.1:5672")
         pytest.skip("RabbitMQ does not answer on 127.0.0.1:5672")
     with Connection(AMQP_URL) as conn:  # leftovers of an earlier run
         channel = conn.default_channel
