@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, states
 from kombu import Exchange, Queue
@@ -70,6 +70,15 @@ def _bindings_read_once(producer: Any) -> Iterator[None]:
         del channel.get_table  # back to the class's method
 
 
+def _batched(producer: Any, size: int) -> contextlib.AbstractContextManager[Any]:
+    """kombu ≥ 5.7 can buffer a batch's publishes in one Redis pipeline; older kombu and other
+    transports publish each message at once."""
+    batch = getattr(producer, "batch", None)
+    if batch is None or size < 2:
+        return contextlib.nullcontext()
+    return cast(contextlib.AbstractContextManager[Any], batch(max_size=max(size * 2, 2)))
+
+
 class Outcomes:
     """Encodes task results and publishes instance events through a Celery app."""
 
@@ -113,7 +122,11 @@ class Outcomes:
         """``<instance>.Done`` or ``<instance>.Failed`` for each, over one broker connection."""
         if not transactions:
             return
-        with self.app.producer_or_acquire() as producer, _bindings_read_once(producer):
+        with (
+            self.app.producer_or_acquire() as producer,
+            _bindings_read_once(producer),
+            _batched(producer, len(transactions)),
+        ):
             for tx in transactions:
                 name = names.event_name(tx.instance, tx.success)
                 body = InstanceEvent(
