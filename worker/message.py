@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8, default
+from email.policy import SMTP, SMTPUTF8, EmailPolicy, default
 from email.utils import format_datetime
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import cast
 
 from producer.models import (
     Attachment,
@@ -43,7 +44,42 @@ class _CachingHeaderRegistry(HeaderRegistry):
 
 
 _REGISTRY = _CachingHeaderRegistry()
-SEVEN_BIT = default.clone(cte_type="7bit", header_factory=_REGISTRY)
+
+# Headers whose short printable-ASCII values are kept verbatim (see _VerbatimPolicy).
+_VERBATIM_NAMES = frozenset(
+    {"from", "to", "cc", "reply-to", "subject", "date", "message-id", "x-mailsender-event-id"}
+)
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*\Z")
+
+
+def _verbatim(policy: EmailPolicy, name: str, value: object) -> bool:
+    """A value that needs neither encoding nor folding: printable ASCII, no encoded-word
+    marker, short enough for one line."""
+    return (
+        isinstance(value, str)
+        and name.lower() in _VERBATIM_NAMES
+        and len(name) + 2 + len(value) <= policy.max_line_length
+        and "=?" not in value
+        and _PRINTABLE_ASCII.match(value) is not None
+    )
+
+
+class _VerbatimPolicy(EmailPolicy):
+    """The default policy, except that simple header values are stored as the plain strings a
+    parsed message holds, instead of being parsed into header objects.
+
+    Parsing every value on store and refolding it on output is the costliest step per mail,
+    and for a one-line printable-ASCII value both give back the input. Anything else (non-ASCII,
+    long, address lists given as objects, MIME headers) goes through the header registry.
+    """
+
+    def header_store_parse(self, name: str, value: object) -> tuple[str, object]:
+        if _verbatim(self, name, value):
+            return name, value
+        return cast(tuple[str, object], super().header_store_parse(name, value))
+
+
+SEVEN_BIT = _VerbatimPolicy(cte_type="7bit", header_factory=_REGISTRY)
 _SMTP = SMTP.clone(header_factory=_REGISTRY)
 _SMTPUTF8 = SMTPUTF8.clone(header_factory=_REGISTRY)
 
@@ -181,10 +217,20 @@ def _set_header(msg: EmailMessage, name: str, value: str) -> None:
     except ValueError as exc:
         raise PermanentError(f"the {name} header {exc}; refused") from None
     msg[name] = value
+    if _verbatim(SEVEN_BIT, name, value):
+        return  # stored as given: printable ASCII, nothing was decoded
     parsed = str(msg[name])
     if "\r" in parsed or "\n" in parsed:
         del msg[name]
         raise PermanentError(f"the {name} header would contain a line break; refused")
+
+
+def _set_addresses(msg: EmailMessage, name: str, addresses: list[Address]) -> None:
+    if not addresses:
+        return
+    text = ", ".join(str(a) for a in addresses)
+    # Short ASCII lists verbatim; the others as Address objects, which the registry encodes.
+    msg[name] = text if _verbatim(SEVEN_BIT, name, text) else addresses
 
 
 def build_message(
@@ -218,10 +264,8 @@ def build_message(
     msg = EmailMessage(policy=SEVEN_BIT)
     message_id = message_id_for(event.event_id, sender.addr_spec)
     _set_header(msg, "From", str(sender))
-    if to:
-        msg["To"] = to
-    if cc:
-        msg["Cc"] = cc
+    _set_addresses(msg, "To", to)
+    _set_addresses(msg, "Cc", cc)
     if event.reply_to:
         _set_header(msg, "Reply-To", event.reply_to)
     _set_header(msg, "Subject", f"{instance.subject_prefix}{event.subject}")

@@ -540,3 +540,54 @@ def test_line_break_reaching_the_builder_is_permanent(subject: str) -> None:
     unchecked = mail().model_copy(update={"subject": subject})
     with pytest.raises(PermanentError):
         build(unchecked)
+
+
+# -- headers kept verbatim are the bytes the header registry would write ----------------------
+
+VERBATIM_CASES = [
+    ("Subject", "Quarterly report"),
+    ("Subject", '  two  spaces  and (parens) <angles> "quotes" ;:,'),
+    ("Subject", "x" * 60),
+    ("To", '"Doe, Jane" <jane@example.com>, bob@example.org'),
+    ("From", "Alerts <alerts@example.com>"),
+    ("Reply-To", "replies@example.com"),
+    ("Message-ID", "<evt-1@example.com>"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), VERBATIM_CASES)
+def test_a_verbatim_header_is_written_as_the_registry_would(name: str, value: str) -> None:
+    from worker.message import SEVEN_BIT, _verbatim
+
+    assert _verbatim(SEVEN_BIT, name, value)
+    fast, full = EmailMessage(policy=SEVEN_BIT), EmailMessage(policy=policy.default)
+    fast[name] = value
+    full[name] = value
+    assert fast.as_bytes(policy=policy.SMTP) == full.as_bytes(policy=policy.SMTP)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Subject", "Grüße"),  # non-ASCII: RFC 2047
+        ("Subject", "y" * 80),  # long: folded
+        ("Subject", "=?UTF-8?Q?hi?="),  # an encoded word: the registry decides
+        ("Subject", "tab\there"),  # a control character
+        ("Content-Type", "text/plain"),  # MIME headers are read back as objects
+    ],
+)
+def test_other_header_values_go_through_the_registry(name: str, value: str) -> None:
+    from worker.message import SEVEN_BIT, _verbatim
+
+    assert not _verbatim(SEVEN_BIT, name, value)
+
+
+def test_a_long_recipient_list_is_still_folded_and_parses_back() -> None:
+    names = [f'"Person {i}, Department {i}" <p{i}@example.com>' for i in range(6)]
+    message = parse(build(mail(recipients=", ".join(names))))
+    assert [a.display_name for a in message["to"].addresses] == [
+        f"Person {i}, Department {i}" for i in range(6)
+    ]
+    assert all(
+        len(line) <= 78 for line in head(build(mail(recipients=", ".join(names)))).split(b"\r\n")
+    )
