@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8, EmailPolicy, default
+from email.policy import SMTP, SMTPUTF8, EmailPolicy
 from email.utils import format_datetime
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 from producer.models import (
     Attachment,
@@ -58,7 +58,7 @@ def _verbatim(policy: EmailPolicy, name: str, value: object) -> bool:
     return (
         isinstance(value, str)
         and name.lower() in _VERBATIM_NAMES
-        and len(name) + 2 + len(value) <= policy.max_line_length
+        and len(name) + 2 + len(value) <= (policy.max_line_length or 78)
         and "=?" not in value
         and _PRINTABLE_ASCII.match(value) is not None
     )
@@ -73,10 +73,10 @@ class _VerbatimPolicy(EmailPolicy):
     long, address lists given as objects, MIME headers) goes through the header registry.
     """
 
-    def header_store_parse(self, name: str, value: object) -> tuple[str, object]:
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
         if _verbatim(self, name, value):
             return name, value
-        return cast(tuple[str, object], super().header_store_parse(name, value))
+        return super().header_store_parse(name, value)
 
 
 SEVEN_BIT = _VerbatimPolicy(cte_type="7bit", header_factory=_REGISTRY)
