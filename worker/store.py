@@ -72,6 +72,68 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# The per-event steps of a batch run in one script call each, instead of a pipeline of several
+# commands per event: the client packs and parses one command per batch, not hundreds.
+# KEYS: record and lock key per event, then the pending hash and its index.
+# ARGV: queue, record TTL (ms), then id, token ('' = no lock) and lease (ms) per event.
+_BEGIN = """
+local n = (#KEYS - 2) / 2
+local out = {}
+for i = 1, n do
+  local key, lock = KEYS[2 * i - 1], KEYS[2 * i]
+  local id, token, lease = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+  local locked = 0
+  if token ~= '' and redis.call('SET', lock, token, 'NX', 'PX', lease) then locked = 1 end
+  redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSETNX', key, 'queue', ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[2])
+  out[2 * i - 1] = locked
+  out[2 * i] = redis.call('HGETALL', key)
+  redis.call('HDEL', KEYS[#KEYS - 1], id)
+  redis.call('ZREM', KEYS[#KEYS], id)
+end
+return out
+"""
+# KEYS: record key, result key per event, then the stream, the dead letters and their index.
+# ARGV: record TTL (ms), stream length, now (ms), then per event: id, transaction JSON,
+# claim ('1': this run publishes), result value ('' = none), its expiry (s), log ('1': stream
+# entry and, with a letter, the dead letter), dead letter JSON ('' = none).
+_FINALS = """
+local n = (#KEYS - 3) / 2
+local stream, dead, index = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+for i = 1, n do
+  local key, result = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 3 + 7 * (i - 1)
+  local id, tx, claim, value, expires, log, letter =
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  redis.call('HSET', key, 'transaction', tx)
+  if claim == '1' then redis.call('HSET', key, 'publishing', ARGV[3]) end
+  redis.call('PEXPIRE', key, ARGV[1])
+  if value ~= '' then
+    redis.call('SETEX', result, expires, value)
+    redis.call('PUBLISH', result, value)
+  end
+  if log == '1' then
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*', 'transaction', tx)
+    if letter ~= '' then
+      redis.call('HSET', dead, id, letter)
+      redis.call('ZADD', index, tonumber(ARGV[3]) / 1000, id)
+    end
+    redis.call('HSET', key, 'logged', '1')
+  end
+end
+return n
+"""
+# KEYS: record key per published event, then lock key per lock to give back.
+# ARGV: how many published, then the token of each lock.
+_PUBLISHED = """
+local published = tonumber(ARGV[1])
+for i = 1, published do redis.call('HSET', KEYS[i], 'finalized', '1') end
+for i = published + 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i - published + 1] then redis.call('DEL', KEYS[i]) end
+end
+return #KEYS
+"""
 
 
 def connect(url: str) -> redis.Redis:
@@ -172,6 +234,9 @@ class Store:
         self._release = self.r.register_script(_RELEASE)
         self._take = self.r.register_script(_TAKE)
         self._claim_stale = self.r.register_script(_CLAIM_STALE)
+        self._begin = self.r.register_script(_BEGIN)
+        self._finals = self.r.register_script(_FINALS)
+        self._published = self.r.register_script(_PUBLISHED)
 
     # -- idempotency record ----------------------------------------------------------------
 
@@ -186,23 +251,18 @@ class Store:
         for ``lease_s`` (None when another worker holds it; 0 = do not lock), and read its
         record. The raw event is kept in the record only when it has to wait for a retry."""
         tokens = [uuid.uuid4().hex if lease else None for lease in leases_s]
-        pipe = self.r.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[str | int] = [queue, self.ttl_ms]
         for (event_id, _raw), token, lease_s in zip(events, tokens, leases_s, strict=True):
-            key = event_key(event_id)
-            if token is not None:
-                pipe.set(lock_key(event_id), token, nx=True, px=int(lease_s * 1000))
-            pipe.hincrby(key, "attempts", 1)
-            pipe.hsetnx(key, "queue", queue)
-            pipe.pexpire(key, self.ttl_ms)
-            pipe.hgetall(key)
-            pipe.hdel(names.PENDING_KEY, event_id)
-            pipe.zrem(names.PENDING_INDEX_KEY, event_id)
-        values = iter(pipe.execute())
+            keys += [event_key(event_id), lock_key(event_id)]
+            args += [event_id, token or "", int(lease_s * 1000)]
+        keys += [names.PENDING_KEY, names.PENDING_INDEX_KEY]
+        reply = cast(list[Any], self._begin(keys=keys, args=args))
         out: list[tuple[EventRecord, str | None]] = []
-        for token in tokens:
-            locked = next(values) if token is not None else False
-            _attempts, _queue, _ttl, data, _hdel, _zrem = (next(values) for _ in range(6))
-            out.append((self._record(cast(dict[str, str], data)), token if locked else None))
+        for i, token in enumerate(tokens):
+            locked, flat = reply[2 * i], reply[2 * i + 1]
+            data = dict(zip(flat[::2], flat[1::2], strict=True))
+            out.append((self._record(data), token if locked else None))
         return out
 
     def get(self, event_id: str) -> EventRecord | None:
@@ -238,43 +298,33 @@ class Store:
         entry and, for a failure, the dead letter."""
         if not finals:
             return
-        pipe = self.r.pipeline(transaction=True)
+        now_ms = int(time.time() * 1000)
+        keys: list[str] = []
+        args: list[str | int] = [self.ttl_ms, self.transactions_max, now_ms]
         failures = False
         for final in finals:
             tx = final.transaction
-            key = event_key(tx.event_id)
             tx_json = tx.model_dump_json(by_alias=True)
-            pipe.hset(key, "transaction", tx_json)
-            if final.claim_publish:  # this run publishes the instance event; others hold off
-                pipe.hset(key, "publishing", int(time.time() * 1000))
-            pipe.pexpire(key, self.ttl_ms)
-            if final.result is not None:
-                result_key, value, expires_s = final.result
-                pipe.setex(result_key, expires_s, value)
-                pipe.publish(result_key, value)
-            if final.logged:
-                continue
-            pipe.xadd(
-                names.TRANSACTIONS_STREAM,
-                {"transaction": tx_json},
-                maxlen=self.transactions_max,
-                approximate=True,
-            )
-            if not tx.success:
+            result_key, value, expires_s = final.result or ("", "", 0)
+            letter = ""
+            if not final.logged and not tx.success:
                 failures = True
-                letter = {
-                    "eventId": tx.event_id,
-                    "instance": tx.instance,
-                    "reason": tx.message,
-                    "attempts": tx.attempts,
-                    "failedAt": tx.timestamp.isoformat(),
-                    "event": final.raw_event,
-                    "transaction": json.loads(tx_json),
-                }
-                pipe.hset(DEAD_KEY, tx.event_id, json.dumps(letter))
-                pipe.zadd(DEAD_INDEX_KEY, {tx.event_id: time.time()})
-            pipe.hset(key, "logged", "1")
-        pipe.execute()
+                letter = json.dumps(
+                    {
+                        "eventId": tx.event_id,
+                        "instance": tx.instance,
+                        "reason": tx.message,
+                        "attempts": tx.attempts,
+                        "failedAt": tx.timestamp.isoformat(),
+                        "event": final.raw_event,
+                        "transaction": json.loads(tx_json),
+                    }
+                )
+            keys += [event_key(tx.event_id), result_key or event_key(tx.event_id)]
+            args += [tx.event_id, tx_json, int(final.claim_publish), value, expires_s]
+            args += [int(not final.logged), letter]
+        keys += [names.TRANSACTIONS_STREAM, DEAD_KEY, DEAD_INDEX_KEY]
+        self._finals(keys=keys, args=args)
         if failures:
             self._trim_dead_letters()
 
@@ -283,12 +333,8 @@ class Store:
         send locks in ``release`` are given back if still ours, in one round trip."""
         if not event_ids and not release:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for event_id in event_ids:
-            pipe.hset(event_key(event_id), "finalized", "1")
-        for event_id, token in release:
-            self._release(keys=[lock_key(event_id)], args=[token], client=pipe)
-        pipe.execute()
+        keys = [event_key(e) for e in event_ids] + [lock_key(e) for e, _ in release]
+        self._published(keys=keys, args=[len(event_ids), *(token for _, token in release)])
 
     def _trim_dead_letters(self) -> None:
         excess = int(self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
