@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DROP", "Received", "Rule", "Stage", "TestSmtpServer"]
 
-Stage = Literal["connect", "ehlo", "mail", "rcpt", "data"]
+Stage = Literal["connect", "ehlo", "mail", "rcpt", "data_cmd", "data"]
 
 #: A :attr:`Rule.reply` that closes the connection without replying.
 DROP = "DROP"
@@ -74,7 +74,10 @@ class Rule:
 
     Attributes:
         stage: Where it fires: ``connect`` (instead of the greeting), ``ehlo``
-            (EHLO or HELO), ``mail``, ``rcpt`` or ``data`` (the reply after the
+            (EHLO or HELO), ``mail``, ``rcpt``, ``data_cmd`` (the reply to the DATA
+            command itself; a ``354`` there is given even without recipients, as
+            some servers do, and the data that follows is read and answered with
+            ``554 5.5.1 No valid recipients``) or ``data`` (the reply after the
             final ``.`` of DATA).
         reply: The full reply line, e.g. ``"451 4.7.1 Greylisted, retry later"``;
             :data:`DROP` closes the socket without replying; ``""`` means the
@@ -115,7 +118,11 @@ class _TapReader(asyncio.StreamReader):
     """
 
     def __init__(
-        self, on_line: Callable[[bytes], None], *, limit: int, loop: asyncio.AbstractEventLoop
+        self,
+        on_line: Callable[[bytes, bool], None],
+        *,
+        limit: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(limit=limit, loop=loop)
         self._on_line = on_line
@@ -123,7 +130,8 @@ class _TapReader(asyncio.StreamReader):
     async def readuntil(self, separator: _ReaduntilBuffer = b"\n") -> bytes:
         line = await super().readuntil(separator)
         if separator == b"\n":
-            self._on_line(line)
+            # More bytes already waiting: the client sent this line together with the next.
+            self._on_line(line, bool(self._buffer))  # type: ignore[attr-defined]
         return line
 
 
@@ -177,11 +185,11 @@ class _Connection(SMTP):
         """Whether the connection is encrypted right now."""
         return self._implicit_tls or self._tls_protocol is not None
 
-    def _on_line(self, raw: bytes) -> None:
+    def _on_line(self, raw: bytes, followed: bool) -> None:
         if self._warmup:
             return
         line = raw.rstrip(b"\r\n").decode("utf-8", errors="surrogateescape")
-        self._owner._log_command(self.connection_id, line, self.tls_active)
+        self._owner._log_command(self.connection_id, line, self.tls_active, followed)
 
     def _create_envelope(self) -> Envelope:
         return _Envelope()
@@ -284,6 +292,22 @@ class _Connection(SMTP):
             return
         await super().smtp_RCPT(arg)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        rule = self._owner._take_rule("data_cmd", None)
+        if rule is None or not rule.reply:
+            await super().smtp_DATA(arg)
+            return
+        if rule.reply == DROP:
+            self.drop()
+            return
+        await self.push(rule.reply)
+        if rule.reply.startswith("354"):
+            while self.transport is not None:
+                line = await self._reader.readuntil(b"\r\n")
+                if line == b".\r\n":
+                    break
+            await self.push("554 5.5.1 No valid recipients")
+
 
 class _Handler:
     """aiosmtpd handler hooks (``handle_*``) and the CRAM-MD5 mechanism (``auth_*``).
@@ -305,7 +329,10 @@ class _Handler:
     ) -> list[str]:
         # aiosmtpd advertises a bare "AUTH" when every mechanism is excluded.
         session.host_name = hostname  # a custom EHLO hook must do this itself
-        return [line for line in responses if line.rstrip() != "250-AUTH"]
+        lines = [line for line in responses if line.rstrip() != "250-AUTH"]
+        if self._owner.pipelining:
+            lines.insert(1, "250-PIPELINING")
+        return lines
 
     async def handle_RCPT(
         self,
@@ -440,6 +467,7 @@ class TestSmtpServer:
         max_rcpt_per_transaction: int | None = None,
         size_limit: int | None = None,
         smtputf8: bool = True,
+        pipelining: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
         server_hostname: str = "localhost",
@@ -465,6 +493,8 @@ class TestSmtpServer:
             size_limit: Advertise ``SIZE n`` and enforce it (``552``); None = no limit
                 and no SIZE extension.
             smtputf8: Advertise and accept SMTPUTF8.
+            pipelining: Advertise PIPELINING (aiosmtpd reads pipelined commands anyway;
+                :attr:`followed` shows which lines arrived together with the next).
             host: Address to bind; use an IP literal (with ``port=0`` a name such
                 as ``localhost`` may bind ::1 and 127.0.0.1 on different ports).
             port: Port to bind; 0 = a free port chosen by the OS.
@@ -487,6 +517,7 @@ class TestSmtpServer:
         self.max_rcpt_per_transaction = max_rcpt_per_transaction
         self._size_limit = size_limit
         self._smtputf8 = smtputf8
+        self.pipelining = pipelining
         self._host = host
         self._port = port
         self._server_hostname = server_hostname
@@ -495,6 +526,7 @@ class TestSmtpServer:
         self.rules: list[Rule] = []
         self._received: list[Received] = []
         self._commands: list[tuple[int, str, bool]] = []
+        self._followed: list[str] = []
         self._connections = 0
         self._transactions = 0
         self._next_connection_id = 0
@@ -613,6 +645,7 @@ class TestSmtpServer:
             self.rules.clear()
             self._received.clear()
             self._commands.clear()
+            self._followed.clear()
             self._connections = 0
             self._transactions = 0
 
@@ -633,6 +666,12 @@ class TestSmtpServer:
         """
         with self._lock:
             return list(self._commands)
+
+    @property
+    def followed(self) -> list[str]:
+        """Command lines that arrived with more bytes behind them (pipelined), in order."""
+        with self._lock:
+            return list(self._followed)
 
     @property
     def connections(self) -> int:
@@ -683,9 +722,11 @@ class TestSmtpServer:
         with self._lock:
             self._live.discard(session)
 
-    def _log_command(self, connection_id: int, line: str, tls: bool) -> None:
+    def _log_command(self, connection_id: int, line: str, tls: bool, followed: bool) -> None:
         with self._lock:
             self._commands.append((connection_id, line, tls))
+            if followed:
+                self._followed.append(line)
             if line[:5].upper() == "MAIL ":
                 self._transactions += 1
 
