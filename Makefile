@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit integration bench bench-deps chaos install services clean
+.PHONY: demo test lint typecheck unit integration bench bench-deps bench-memory chaos install services clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "MailSender needs Python 3.11 or newer")'
@@ -71,6 +71,10 @@ bench-deps: services
 ## The benchmark of issue 4: one table, both scenarios (BENCH_ARGS="--quick", "--runs 5" ...).
 bench: install bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+## Worker memory: one 25 MB attachment (by reference and inline), and RSS over a long run.
+bench-memory: install bench-deps
+	$(PY) -m bench.memory $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-outbox .mypy_cache .ruff_cache .pytest_cache

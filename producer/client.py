@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 
 from producer import names
 from producer.errors import EnqueueFailed, InvalidEvent, MailDeliveryFailed, ProducerConfigError
-from producer.models import MailEvent, Transaction
+from producer.models import BLOB_KEY_PREFIX, Attachment, MailEvent, Transaction
 
 PUBLISH_RETRY_POLICY: dict[str, float] = {
     "max_retries": 5,
@@ -38,6 +38,12 @@ ROUTES_TTL_S = 30.0
 
 DEFAULT_BATCH_SIZE = 50
 """Events per broker message in ``send_many``."""
+
+DEFAULT_INLINE_LIMIT_BYTES = 1_000_000
+"""Inline attachments larger than this (decoded) travel by reference: see ``MailProducer``."""
+
+DEFAULT_BLOB_TTL_S = 7 * 24 * 3600.0
+"""How long an attachment sent by reference is kept for its event (and a replay of it)."""
 
 
 def summary_of(event: MailEvent) -> str:
@@ -118,6 +124,12 @@ class MailProducer:
 
     ``broker_url`` defaults to env ``MAILSENDER_BROKER_URL``, else ``redis://localhost:6379/0``;
     ``result_backend`` to env ``MAILSENDER_RESULT_BACKEND``, else the broker URL.
+
+    An inline attachment larger than ``inline_limit_bytes`` (decoded; 0 = never) is stored in
+    the result backend's Redis under ``mailsender:blob:<id>`` for ``blob_ttl_s`` and the event
+    carries that key instead (``{"filename", "blob", "contentType"}``): the broker, the
+    worker's main process and the pending note then move a small message, and the worker
+    reads the bytes once, when it builds the mail. The blob is deleted once the mail is sent.
     """
 
     def __init__(
@@ -127,6 +139,8 @@ class MailProducer:
         *,
         queue: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
+        blob_ttl_s: float = DEFAULT_BLOB_TTL_S,
     ) -> None:
         self.broker_url = (
             broker_url or os.environ.get(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
@@ -138,6 +152,8 @@ class MailProducer:
         _check_url("result backend", self.result_backend, names.BACKEND_SCHEMES)
         self.queue = queue
         self.batch_size = batch_size
+        self.inline_limit_bytes = inline_limit_bytes
+        self.blob_ttl_s = blob_ttl_s
         self.app = make_client_app(self.broker_url, self.result_backend)
         self._client: redis.Redis | None = None
         self._routes: dict[str, str] = {}
@@ -193,6 +209,7 @@ class MailProducer:
                 if len(items) == 1:
                     raise
                 raise InvalidEvent(f"event {index} of {len(items)}: {exc}") from None
+        parsed, blobs = self._by_reference(parsed)
         size = max(1, batch_size or self.batch_size)
         by_queue: dict[str, list[MailEvent]] = {}
         for event in parsed:
@@ -202,6 +219,7 @@ class MailProducer:
             for queue, group in by_queue.items()
             for start in range(0, len(group), size)
         ]
+        self._store_blobs(blobs)
         self._note_pending(chunks)
         enqueued = 0
         try:
@@ -225,6 +243,8 @@ class MailProducer:
                     enqueued += len(chunk)
         except OperationalError as exc:
             self._forget_pending([e for _, chunk in chunks for e in chunk][enqueued:])
+            if not enqueued:
+                self._forget_blobs(list(blobs))
             raise EnqueueFailed(
                 f"could not enqueue to the broker at {redact_url(self.broker_url)} "
                 f"({enqueued} of {len(parsed)} enqueued): {exc}"
@@ -238,6 +258,57 @@ class MailProducer:
         if self._client is None:
             self._client = redis.Redis.from_url(self.result_backend, socket_connect_timeout=5)
         return self._client
+
+    def _by_reference(self, events: list[MailEvent]) -> tuple[list[MailEvent], dict[str, bytes]]:
+        """The events with every large inline attachment replaced by a blob key, and the blobs
+        to store (none without a Redis result backend or with ``inline_limit_bytes`` 0)."""
+        if self.inline_limit_bytes <= 0 or self._redis() is None:
+            return events, {}
+        blobs: dict[str, bytes] = {}
+        out: list[MailEvent] = []
+        for event in events:
+            attachments: list[Attachment] = []
+            for attachment in event.attachments:
+                if (
+                    attachment.content is None
+                    or len(attachment.content) * 3 // 4 <= self.inline_limit_bytes
+                ):
+                    attachments.append(attachment)
+                    continue
+                key = f"{BLOB_KEY_PREFIX}{uuid.uuid4().hex}"
+                blobs[key] = attachment.decoded()
+                attachments.append(
+                    Attachment(
+                        filename=attachment.filename,
+                        content_type=attachment.content_type,
+                        blob=key,
+                    )
+                )
+            changed = any(a.blob for a in attachments)
+            out.append(event.model_copy(update={"attachments": attachments}) if changed else event)
+        return out, blobs
+
+    def _store_blobs(self, blobs: dict[str, bytes]) -> None:
+        client = self._redis()
+        if client is None or not blobs:
+            return
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for key, data in blobs.items():
+                    pipe.set(key, data, ex=max(1, int(self.blob_ttl_s)))
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise EnqueueFailed(
+                f"could not enqueue: the result backend at {redact_url(self.result_backend)} "
+                f"cannot store the large attachments ({exc}); nothing was enqueued"
+            ) from exc
+
+    def _forget_blobs(self, keys: list[str]) -> None:
+        client = self._redis()
+        if client is None or not keys:
+            return
+        with contextlib.suppress(redis.RedisError):
+            client.unlink(*keys)
 
     def _note_pending(self, chunks: list[tuple[str, list[MailEvent]]]) -> None:
         """Note each event as enqueued-not-started, so that workers can re-enqueue it should

@@ -23,8 +23,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -35,6 +37,8 @@ INSTANCE_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
 _EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+$")
+BLOB_KEY_PREFIX = "mailsender:blob:"
+_BLOB_KEY_PATTERN = re.compile(r"^mailsender:blob:[A-Za-z0-9_.:@\-]{1,200}$")
 
 
 class _Model(BaseModel):
@@ -142,12 +146,15 @@ AddressList = Annotated[list[str], BeforeValidator(_to_address_strings)]
 
 
 class Attachment(_Model):
-    """One attachment: inline (``filename`` + base64 ``content``) or by ``path``."""
+    """One attachment: inline (``filename`` + base64 ``content``), by ``path`` in the worker's
+    attachment root, or by ``blob``: the key of its bytes in the result backend's Redis
+    (``mailsender:blob:…``), which ``MailProducer`` uses for large inline attachments."""
 
     filename: str | None = None
     content: str | None = None
     content_type: str | None = None
     path: str | None = None
+    blob: str | None = None
 
     @field_validator("filename")
     @classmethod
@@ -186,12 +193,27 @@ class Attachment(_Model):
             raise ValueError("must be a non-empty file path")
         return value
 
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Keys that are not set are left out, so that workers which do not know 'blob' yet
+        # (unknown keys are refused) take events from newer producers.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @field_validator("blob")
+    @classmethod
+    def _blob_ok(cls, value: str | None) -> str | None:
+        if value is not None and not _BLOB_KEY_PATTERN.match(value):
+            raise ValueError(f"must be a key like '{BLOB_KEY_PREFIX}<id>'")
+        return value
+
     @model_validator(mode="after")
     def _inline_or_path(self) -> Attachment:
-        if self.path is not None:
-            if self.content is not None:
-                raise ValueError("give either 'path' or 'content', not both")
-        elif self.content is None or self.filename is None:
+        given = [k for k in ("content", "path", "blob") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of 'content', 'path' or 'blob', not both {' and '.join(given)}"
+            )
+        if self.path is None and (not given or self.filename is None):
             raise ValueError("an inline attachment needs 'filename' and 'content' (base64)")
         return self
 

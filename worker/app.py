@@ -55,6 +55,7 @@ def make_store(config: Config) -> Store:
     """A ``Store`` on the result backend's Redis."""
     return Store(
         connect(config.backend_url),
+        blob_client=connect(config.backend_url, decode_responses=False),
         ttl_s=config.idempotency_ttl_s,
         transactions_max=config.transactions_max,
         dead_letter_max=config.dead_letter_max,

@@ -7,8 +7,11 @@ parser decodes RFC 2047 encoded words, which could otherwise smuggle a line brea
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import re
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
@@ -191,7 +194,18 @@ def resolve_attachment_path(path: str, root: Path | None) -> Path:
     return resolved
 
 
-def _attachment_bytes(attachment: Attachment, root: Path | None, budget: int) -> tuple[str, bytes]:
+def _attachment_bytes(
+    attachment: Attachment, root: Path | None, budget: int, blobs: Mapping[str, bytes] | None
+) -> tuple[str, bytes]:
+    if attachment.blob is not None:
+        assert attachment.filename is not None  # the model requires it with a blob
+        data = (blobs or {}).get(attachment.blob)
+        if data is None:
+            raise PermanentError(
+                f"attachment {attachment.filename!r}: its content ({attachment.blob}) is not "
+                "in the result backend (expired or never stored)"
+            )
+        return attachment.filename, data
     if attachment.path is not None:
         path = resolve_attachment_path(attachment.path, root)
         size = path.stat().st_size
@@ -239,8 +253,10 @@ def build_message(
     *,
     attachment_root: Path | None = None,
     max_bytes: int | None = None,
+    blobs: Mapping[str, bytes] | None = None,
 ) -> BuiltMessage:
-    """Build the message of ``event`` as sent by ``instance``.
+    """Build the message of ``event`` as sent by ``instance``; ``blobs`` holds the content of
+    attachments that travel by reference (``blob`` key → bytes).
 
     Raises ``PermanentError`` for anything that makes the event unsendable: no recipients,
     an attachment outside the root or missing, a header that would carry a line break, or a
@@ -280,8 +296,9 @@ def build_message(
         msg.set_content(event.message or "\n")
 
     budget = limit
+    bodies: list[tuple[bytes, list[bytes]]] = []
     for attachment in event.attachments:
-        filename, data = _attachment_bytes(attachment, attachment_root, budget)
+        filename, data = _attachment_bytes(attachment, attachment_root, budget, blobs)
         budget -= len(data)
         if budget < 0:
             raise PermanentError(f"the attachments exceed the message limit of {limit} bytes")
@@ -293,13 +310,18 @@ def build_message(
         maintype, subtype = content_type.split("/", 1)
         try:
             check_header_text(filename)
-            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+            msg.add_attachment(b"", maintype=maintype, subtype=subtype, filename=filename)
         except ValueError as exc:
             raise PermanentError(f"attachment file name {filename!r} refused: {exc}") from None
-        _check_filename(msg, filename)
+        part = _check_filename(msg, filename)
+        # The body goes in after the message is written (see _splice); here a marker line.
+        marker = f"MAILSENDER-BODY-{secrets.token_hex(12)}"
+        part.set_payload(marker)
+        bodies.append((marker.encode("ascii"), _base64_lines(data)))
+        del data
 
     needs_utf8 = any(not a.addr_spec.isascii() for a in [sender, *to, *cc, *bcc])
-    data = msg.as_bytes(policy=_SMTPUTF8 if needs_utf8 else _SMTP)
+    data = _splice(msg.as_bytes(policy=_SMTPUTF8 if needs_utf8 else _SMTP), bodies)
     if len(data) > limit:
         raise PermanentError(f"the message is {len(data)} bytes, over the limit of {limit} bytes")
     return BuiltMessage(
@@ -311,8 +333,48 @@ def build_message(
     )
 
 
-def _check_filename(msg: EmailMessage, filename: str) -> None:
-    """The attachment's file name must come back from the built part unchanged."""
+def _check_filename(msg: EmailMessage, filename: str) -> EmailMessage:
+    """The attachment's file name must come back from the built part unchanged; returns the
+    part."""
     part = list(msg.iter_attachments())[-1]
     if part.get_filename() != filename:
         raise PermanentError(f"attachment file name {filename!r} cannot be encoded safely")
+    assert isinstance(part, EmailMessage)
+    return part
+
+
+_BASE64_CHUNK = 57 * 16384
+"""Bytes encoded at a time: a whole number of 76-character base64 lines (57 bytes each)."""
+
+
+def _base64_lines(data: bytes) -> list[bytes]:
+    """``data`` as base64 lines of 76 characters with CRLF between them, in chunks.
+
+    The email package would keep the encoded body as one string and split it into a list of
+    lines when writing, several times the attachment's size in memory at once; this keeps
+    one encoded copy.
+    """
+    chunks = [
+        base64.encodebytes(data[start : start + _BASE64_CHUNK]).replace(b"\n", b"\r\n")
+        for start in range(0, len(data), _BASE64_CHUNK)
+    ]
+    if chunks:
+        chunks[-1] = chunks[-1][:-2]  # the line break after the last line is the message's
+    return chunks
+
+
+def _splice(written: bytes, bodies: list[tuple[bytes, list[bytes]]]) -> bytes:
+    """The written message with each attachment's marker line replaced by its body."""
+    if not bodies:
+        return written
+    pieces: list[bytes] = []
+    at = 0
+    for marker, body in bodies:
+        found = written.find(marker, at)
+        if found < 0 or written.find(marker, found + len(marker)) >= 0:
+            raise PermanentError("an attachment could not be placed in the message")
+        pieces.append(written[at:found])
+        pieces += body
+        at = found + len(marker)
+    pieces.append(written[at:])
+    return b"".join(pieces)

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import redis
 from celery import Celery, states
 from kombu import Exchange, Queue
+from kombu.exceptions import OperationalError
 
 from producer import names
 from producer.errors import MailDeliveryDeferred, MailDeliveryFailed
@@ -82,8 +84,9 @@ def _batched(producer: Any, size: int) -> contextlib.AbstractContextManager[Any]
 class Outcomes:
     """Encodes task results and publishes instance events through a Celery app."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, retry_policy: dict[str, Any] | None = None) -> None:
         self.app = app
+        self.retry_policy = PUBLISH_RETRY_POLICY if retry_policy is None else retry_policy
         backend = app.backend
         expires = getattr(backend, "expires", None)
         self._expires_s = int(expires) if expires else DEFAULT_RESULT_EXPIRES_S
@@ -119,26 +122,52 @@ class Outcomes:
         return self._write(event_id, states.RETRY, self.app.backend.prepare_exception(exc))
 
     def publish(self, transactions: list[Transaction]) -> None:
-        """``<instance>.Done`` or ``<instance>.Failed`` for each, over one broker connection."""
+        """``<instance>.Done`` or ``<instance>.Failed`` for each, over one broker connection.
+
+        The batch goes out in one pipeline; should that fail (a broker connection lost at the
+        flush, where kombu does not retry), each event is published again on its own with
+        the publish retry policy. An event may then be published twice, never not at all.
+        """
         if not transactions:
             return
-        with (
-            self.app.producer_or_acquire() as producer,
-            _bindings_read_once(producer),
-            _batched(producer, len(transactions)),
-        ):
-            for tx in transactions:
-                name = names.event_name(tx.instance, tx.success)
-                body = InstanceEvent(
-                    name=name, instance=tx.instance, event_id=tx.event_id, transaction=tx
-                ).to_json()
-                producer.publish(
-                    body,
-                    exchange=EVENTS_EXCHANGE,
-                    routing_key=name,
-                    serializer="json",
-                    declare=[EVENTS_QUEUE],
-                    delivery_mode=2,
-                    retry=True,
-                    retry_policy=PUBLISH_RETRY_POLICY,
-                )
+        messages = [
+            (
+                names.event_name(tx.instance, tx.success),
+                InstanceEvent(
+                    name=names.event_name(tx.instance, tx.success),
+                    instance=tx.instance,
+                    event_id=tx.event_id,
+                    transaction=tx,
+                ).to_json(),
+            )
+            for tx in transactions
+        ]
+        try:
+            with (
+                self.app.producer_or_acquire() as producer,
+                _bindings_read_once(producer),
+                _batched(producer, len(messages)),
+            ):
+                for name, body in messages:
+                    self._publish(producer, name, body)
+        except (OperationalError, redis.RedisError, ConnectionError) as exc:
+            if len(messages) < 2:
+                raise
+            log.warning(
+                "publishing %d instance events at once failed (%s); one by one", len(messages), exc
+            )
+            with self.app.producer_or_acquire() as producer:
+                for name, body in messages:
+                    self._publish(producer, name, body)
+
+    def _publish(self, producer: Any, name: str, body: dict[str, Any]) -> None:
+        producer.publish(
+            body,
+            exchange=EVENTS_EXCHANGE,
+            routing_key=name,
+            serializer="json",
+            declare=[EVENTS_QUEUE],
+            delivery_mode=2,
+            retry=True,
+            retry_policy=self.retry_policy,
+        )

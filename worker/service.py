@@ -12,6 +12,7 @@ to the idempotency record right after it, before anything else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -276,7 +277,13 @@ class Deliverer:
         finals = [j.final for j in jobs if j.final is not None]
         self.store.record_finals(finals)
         fresh = [j for j in jobs if j.final is not None and not j.already_published]
-        self.outcomes.publish([j.final.transaction for j in fresh if j.final is not None])
+        try:
+            self.outcomes.publish([j.final.transaction for j in fresh if j.final is not None])
+        except BaseException:
+            # The redelivery of these events must publish them: give the claims back.
+            with contextlib.suppress(Exception):
+                self.store.unclaim_publishing([j.event_id for j in fresh])
+            raise
         for job in fresh:
             assert job.final is not None
             tx = job.final.transaction
@@ -293,6 +300,17 @@ class Deliverer:
         self.store.mark_published(
             [j.event_id for j in fresh], [(j.event_id, j.token) for j in jobs if j.token]
         )
+        # Large attachments sent by reference are not needed once their mail was accepted; a
+        # failed event keeps them for replay until they expire.
+        self.store.drop_blobs(
+            [
+                a.blob
+                for j in fresh
+                if j.event is not None and j.final is not None and j.final.transaction.success
+                for a in j.event.attachments
+                if a.blob
+            ]
+        )
         self.store.schedule_retries([j.retry for j in jobs if j.retry is not None])
 
     # -- one event's attempt (runs on a pool thread) --------------------------------------
@@ -304,7 +322,11 @@ class Deliverer:
         refused = dict(record.refused)
         with self._slots[event.instance]:
             try:
-                built = build_message(event, instance, attachment_root=self.config.attachment_root)
+                blobs = self.store.blobs([a.blob for a in event.attachments if a.blob])
+                built = build_message(
+                    event, instance, attachment_root=self.config.attachment_root, blobs=blobs
+                )
+                del blobs  # the message holds the bytes now; do not keep a second copy
                 todo = [r for r in built.recipients if r not in accepted and r not in refused]
                 conn = self.pool.get(event.instance, instance)
                 where = conn.where

@@ -13,7 +13,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,6 +38,18 @@ LOCAL_HOSTNAME = socket.gethostname() or "localhost"
 
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 """Dot-stuffing (RFC 5321 §4.5.2), as smtplib does it."""
+
+
+def _write_data(smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
+    """Send the message after the server's 354, dot-stuffed, and return the reply to its end.
+
+    Unlike ``smtplib.SMTP.data`` this makes no copy of the message unless a line starts with a
+    dot (which a base64 attachment never does): a large attachment is not doubled in memory.
+    """
+    stuffed = _DOT_AT_LINE_START.sub(b"..", data)  # the same object when nothing matched
+    smtp.send(stuffed)
+    smtp.send(b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n")
+    return smtp.getreply()
 
 
 class StaleSession(TransientError):
@@ -120,6 +132,10 @@ class SmtpConnection:
             except smtplib.SMTPConnectError as exc:
                 raise self._reply_error("connect", exc.smtp_code, exc.smtp_error) from None
             self._smtp = smtp
+            # Commands and replies are whole writes; never hold one back waiting for an ACK.
+            if smtp.sock is not None:
+                with suppress(OSError):
+                    smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.tls_active = mode == "implicit"
             self._ehlo(smtp)
             if mode == "starttls":
@@ -334,7 +350,11 @@ class SmtpConnection:
             if not outcome.accepted:
                 self._rset(smtp)
                 return outcome, too_many
-            code, text = smtp.data(message.data)
+            code, text = smtp.docmd("data")
+            if code != Reply.START_INPUT:
+                self._rset(smtp)
+                raise self._reply_error("DATA", code, text)
+            code, text = _write_data(smtp, message.data)
             if not is_accepted(code):
                 self._rset(smtp)
                 to = ", ".join(outcome.accepted)
@@ -402,11 +422,7 @@ class SmtpConnection:
                 self._rset(smtp)
                 raise self._reply_error("DATA", data_code, data_text)
         with self._mapped("end of DATA"):
-            data = _DOT_AT_LINE_START.sub(b"..", message.data)
-            if not data.endswith(b"\r\n"):
-                data += b"\r\n"
-            smtp.send(data + b".\r\n")
-            code, text = smtp.getreply()
+            code, text = _write_data(smtp, message.data)
             if not is_accepted(code):
                 self._rset(smtp)
                 to = ", ".join(outcome.accepted)

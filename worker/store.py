@@ -18,6 +18,8 @@ Keys (all under ``mailsender:``):
 - ``deadletters`` hash + ``deadletters:index`` sorted set — failed events for inspection and
   replay, bounded.
 - ``transactions`` stream — the transaction log (contract §4).
+- ``blob:<id>`` — the bytes of a large attachment that ``MailProducer`` sent by reference;
+  deleted once its event was sent, else it expires with the producer's ``blob_ttl_s``.
 """
 
 from __future__ import annotations
@@ -136,11 +138,11 @@ return #KEYS
 """
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, *, decode_responses: bool = True) -> redis.Redis:
     """A client that retries lost connections on its own (about 10 s in all)."""
     return redis.Redis.from_url(
         url,
-        decode_responses=True,
+        decode_responses=decode_responses,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 12),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=30,
@@ -224,8 +226,10 @@ class Store:
         ttl_s: float,
         transactions_max: int,
         dead_letter_max: int,
+        blob_client: redis.Redis | None = None,
     ) -> None:
         self.r = client
+        self._blob_client = blob_client
         self.ttl_ms = int(ttl_s * 1000)
         self.transactions_max = transactions_max
         self.dead_letter_max = dead_letter_max
@@ -335,6 +339,15 @@ class Store:
             return
         keys = [event_key(e) for e in event_ids] + [lock_key(e) for e, _ in release]
         self._published(keys=keys, args=[len(event_ids), *(token for _, token in release)])
+
+    def unclaim_publishing(self, event_ids: list[str]) -> None:
+        """Withdraw this run's claim to publish the instance events of ``event_ids`` (its
+        publish failed), so that the next run of each event publishes it at once."""
+        if event_ids:
+            pipe = self.r.pipeline(transaction=False)
+            for event_id in event_ids:
+                pipe.hdel(event_key(event_id), "publishing")
+            pipe.execute()
 
     def _trim_dead_letters(self) -> None:
         excess = int(self.r.zcard(DEAD_INDEX_KEY)) - self.dead_letter_max
@@ -446,6 +459,22 @@ class Store:
             pipe.hset(names.PENDING_KEY, event_id, json.dumps(raw))
             pipe.zadd(names.PENDING_INDEX_KEY, {event_id: now_ms})
         pipe.execute()
+
+    # -- attachments by reference ------------------------------------------------------------
+
+    def blobs(self, keys: list[str]) -> dict[str, bytes]:
+        """The bytes stored under each of ``keys`` (a missing one is left out), one round trip."""
+        if not keys:
+            return {}
+        if self._blob_client is None:
+            raise RuntimeError("this store has no client for attachment blobs")
+        values = cast(list[bytes | None], self._blob_client.mget(keys))
+        return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    def drop_blobs(self, keys: list[str]) -> None:
+        """Delete attachment blobs that are not needed any more (their event was sent)."""
+        if keys:
+            self.r.unlink(*keys)
 
     # -- dead letters ----------------------------------------------------------------------
 

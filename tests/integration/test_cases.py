@@ -310,6 +310,54 @@ def test_C07_binary_attachments_survive_the_json_queue(
     assert normalised(msg.get_body(("plain",)).get_content()) == "Hello"  # type: ignore[union-attr]
 
 
+def test_C07_large_attachment_travels_by_reference_and_arrives_intact(
+    fleet: Servers, redis_server: RedisServer, broker: redis.Redis
+) -> None:
+    """C07 SHOULD: a large attachment does not travel inline through the broker."""
+    big = random.Random(11).randbytes(3 * 1024 * 1024)
+    hold_queue = new_id("c07-ref-hold")
+    event_id = new_id("c07-ref")
+    backend = redis.Redis.from_url(redis_server.url(1))
+    with MailProducer(redis_server.url(0), redis_server.url(1), queue=hold_queue) as held:
+        receipt = held.send(
+            case_event(eventId=event_id, attachments=[Attachment.inline("big.bin", big)])
+        )
+        [raw_message] = broker.lrange(hold_queue, 0, -1)
+        assert len(raw_message) < 10_000  # the bytes are not in the task message
+        _args, kwargs, _embed = json.loads(base64.b64decode(json.loads(raw_message)["body"]))
+        [ref] = kwargs["event"]["attachments"]
+        assert set(ref) == {"filename", "blob"}
+        assert ref["filename"] == "big.bin"
+        assert ref["blob"].startswith("mailsender:blob:")
+        assert backend.get(ref["blob"]) == big
+        assert 0 < backend.ttl(ref["blob"]) <= 7 * 24 * 3600
+        broker.lmove(hold_queue, "mailsender", "RIGHT", "LEFT")
+        tx = receipt.wait(timeout_s=WAIT_S)
+    assert tx.success is True
+    msg = only_mail(fleet.plain).message()
+    assert attachments_sha256(msg) == {"big.bin": hashlib.sha256(big).hexdigest()}
+    # Sent: the blob is not needed any more.
+    assert wait_until(lambda: backend.exists(ref["blob"]) == 0, timeout_s=5)
+    backend.close()
+
+
+def test_C07_attachment_by_reference_whose_blob_is_gone_fails_clearly(
+    fleet: Servers, producer: MailProducer, redis_server: RedisServer
+) -> None:
+    event_id = new_id("c07-gone")
+    key = f"mailsender:blob:{uuid.uuid4().hex}"
+    send_raw(
+        producer,
+        case_event(eventId=event_id, attachments=[{"filename": "report.pdf", "blob": key}]),
+    )
+    tx = producer.receipt(event_id).wait(timeout_s=WAIT_S)
+    backend = redis.Redis.from_url(redis_server.url(1), decode_responses=True)
+    assert_failed_for_good(producer, backend, tx, event_id)
+    assert_clear_error(tx.message, "report.pdf", key, "not in the result backend")
+    assert fleet.plain.transactions == 0
+    backend.close()
+
+
 # --- C12: recipients parsed address-aware ----------------------------------------------------
 
 R1 = ' "Doe, Jane" <jane@example.com>, bob@example.org , , alice@example.com,bob@example.org '

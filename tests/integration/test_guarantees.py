@@ -387,3 +387,56 @@ def test_redis_restart_while_mails_are_in_flight_the_worker_survives(
     copies = copies_by_message_id(smtp)
     assert len(copies) == 6
     assert set(copies.values()) == {1}
+
+
+def test_instance_events_not_published_because_the_broker_was_away_come_with_the_next_run(
+    redis_server: RedisServer,
+) -> None:
+    """Mails sent, broker gone at the moment of publishing: the run fails and gives its publish
+    claims back; the redelivered run finds the events final, sends nothing again and publishes
+    their Done events."""
+    from kombu.exceptions import OperationalError
+
+    from tests.support.fleet import EventsReader
+    from worker.app import create_app, make_store
+    from worker.config import parse_config
+    from worker.outcomes import Outcomes
+    from worker.service import Deliverer, Final
+
+    with TestSmtpServer() as smtp:
+        raw = {
+            "broker_url": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+            "result_backend": redis_server.url(1),
+            "instances": {
+                "Plain": {"mailServer": smtp.host, "port": smtp.port, "sender": "n@example.com"}
+            },
+        }
+        ids = [f"publish-lost-{i}-{time.time_ns()}" for i in range(2)]
+        items: list[tuple[Any, str]] = [
+            ({"instance": "Plain", "eventId": i, "recipients": "a@example.com"}, i) for i in ids
+        ]
+        away = parse_config(raw, {})
+        store = make_store(away)
+        quick = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1}
+        first = Deliverer(away, store, Outcomes(create_app(away), retry_policy=quick))
+        with pytest.raises((OperationalError, redis.ConnectionError)):
+            first.run_many(items, "mailsender")
+        first.close()
+        assert len(smtp.received) == 2
+        for event_id in ids:
+            record = store.get(event_id)
+            assert record is not None and record.transaction is not None
+            assert record.publish_claim_ms == 0 and not record.finalized
+
+        back = parse_config({**raw, "broker_url": redis_server.url(0)}, {})
+        events = EventsReader(redis_server.url(0))
+        events.purge()
+        second = Deliverer(back, make_store(back), Outcomes(create_app(back)))
+        outcomes = second.run_many(items, "mailsender")
+        second.close()
+        assert all(isinstance(o, Final) and o.transaction.success for o in outcomes)
+        for event_id in ids:
+            body = events.wait_for(event_id, timeout_s=5)
+            assert body["name"] == "Plain.Done"
+            assert body["transaction"]["eventId"] == event_id
+        assert len(smtp.received) == 2  # nothing sent twice
