@@ -8,6 +8,7 @@ parser decodes RFC 2047 encoded words, which could otherwise smuggle a line brea
 from __future__ import annotations
 
 import base64
+import functools
 import mimetypes
 import re
 import secrets
@@ -15,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8, EmailPolicy
+from email.policy import EmailPolicy
 from email.utils import format_datetime
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from producer.models import (
     Attachment,
@@ -79,12 +80,50 @@ class _VerbatimPolicy(EmailPolicy):
     def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
         if _verbatim(self, name, value):
             return name, value
+        if isinstance(value, str):
+            return name, _parsed(name, value)
         return super().header_store_parse(name, value)
+
+    def header_fetch_parse(self, name: str, value: Any) -> Any:
+        if hasattr(value, "name"):
+            return value
+        return _parsed(name, "".join(value.splitlines()))
+
+
+_CACHED_VALUE_MAX = 500
+"""Longer header values are parsed each time (the cache's memory stays small)."""
+
+
+def _parsed(name: str, value: str) -> Any:
+    """A header object for ``name: value``. Most values (Content-Type, MIME-Version,
+    Content-Transfer-Encoding, the recipients) are the same in mail after mail, and header
+    objects are immutable, so one object serves every message."""
+    if len(value) > _CACHED_VALUE_MAX:
+        return _REGISTRY(name, value)
+    return _parsed_cached(name, value)
+
+
+@functools.lru_cache(maxsize=2048)
+def _parsed_cached(name: str, value: str) -> Any:
+    return _REGISTRY(name, value)
+
+
+class _FoldOncePolicy(EmailPolicy):
+    """An output policy that folds each (cached, shared) header object once, not per mail."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if not hasattr(value, "name"):
+            return super().fold_binary(name, value)
+        done = getattr(value, "_mailsender_folded", None)
+        if done is None or done[0] is not self or done[1] != name:
+            done = (self, name, super().fold_binary(name, value))
+            value._mailsender_folded = done
+        return cast(bytes, done[2])
 
 
 SEVEN_BIT = _VerbatimPolicy(cte_type="7bit", header_factory=_REGISTRY)
-_SMTP = SMTP.clone(header_factory=_REGISTRY)
-_SMTPUTF8 = SMTPUTF8.clone(header_factory=_REGISTRY)
+_SMTP = _FoldOncePolicy(linesep="\r\n", header_factory=_REGISTRY)
+_SMTPUTF8 = _FoldOncePolicy(linesep="\r\n", utf8=True, header_factory=_REGISTRY)
 
 
 @dataclass(frozen=True)
