@@ -22,7 +22,13 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from producer import names
-from producer.errors import EnqueueFailed, InvalidEvent, MailDeliveryFailed, ProducerConfigError
+from producer.errors import (
+    BROKER_REFUSALS,
+    EnqueueFailed,
+    InvalidEvent,
+    MailDeliveryFailed,
+    ProducerConfigError,
+)
 from producer.models import BLOB_KEY_PREFIX, Attachment, MailEvent, Transaction
 
 PUBLISH_RETRY_POLICY: dict[str, float] = {
@@ -202,13 +208,16 @@ class MailProducer:
         """
         items = list(events)
         parsed: list[MailEvent] = []
-        for index, item in enumerate(items):
+        problems: list[str] = []
+        for number, item in enumerate(items, start=1):
             try:
                 parsed.append(MailEvent.parse(item))
             except InvalidEvent as exc:
                 if len(items) == 1:
                     raise
-                raise InvalidEvent(f"event {index} of {len(items)}: {exc}") from None
+                problems.append(f"event {number} of {len(items)}: {exc}")
+        if problems:
+            raise InvalidEvent("; ".join(problems))
         parsed, blobs = self._by_reference(parsed)
         size = max(1, batch_size or self.batch_size)
         by_queue: dict[str, list[MailEvent]] = {}
@@ -241,7 +250,7 @@ class MailProducer:
                             ignore_result=True,
                         )
                     enqueued += len(chunk)
-        except OperationalError as exc:
+        except (OperationalError, *BROKER_REFUSALS) as exc:
             self._forget_pending([e for _, chunk in chunks for e in chunk][enqueued:])
             if not enqueued:
                 self._forget_blobs(list(blobs))

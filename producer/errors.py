@@ -16,8 +16,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import amqp.exceptions
+import redis.exceptions
+
 if TYPE_CHECKING:
     from producer.models import Transaction
+
+BROKER_REFUSALS: tuple[type[BaseException], ...] = (
+    amqp.exceptions.AccessRefused,  # RabbitMQ: login refused
+    amqp.exceptions.NotAllowed,  # RabbitMQ: no access to the virtual host
+    amqp.exceptions.IrrecoverableConnectionError,
+    redis.exceptions.AuthenticationError,  # Redis: wrong or missing password
+    redis.exceptions.AuthorizationError,
+)
+"""Broker replies that no retry can change: the credentials or permissions are wrong."""
 
 
 class MailSenderError(Exception):

@@ -34,8 +34,11 @@ from pydantic.alias_generators import to_camel
 from producer.errors import InvalidEvent
 
 INSTANCE_NAME_PATTERN = r"^[A-Za-z0-9_.\-]+$"
-_EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
+EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
+"""What an event id may be (it is also the Celery task id and part of Redis keys)."""
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LINE_SEPARATOR = re.compile("[\x85\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+$")
 BLOB_KEY_PREFIX = "mailsender:blob:"
 _BLOB_KEY_PATTERN = re.compile(r"^mailsender:blob:[A-Za-z0-9_.:@\-]{1,200}$")
@@ -66,6 +69,12 @@ def check_header_text(value: str) -> str:
     """
     if "\r" in value or "\n" in value:
         raise ValueError("contains a line break (CR or LF), which is not allowed in a header")
+    if _LINE_SEPARATOR.search(value):
+        raise ValueError(
+            "contains a Unicode line separator (U+0085, U+2028 or U+2029), which is not "
+            "allowed in a header"
+        )
+    check_unicode(value)
     if _CONTROL.search(value):
         raise ValueError("contains a control character, which is not allowed in a header")
     if "=?" in value:
@@ -79,6 +88,18 @@ def check_header_text(value: str) -> str:
                 raise ValueError(
                     "contains an encoded line break (CR or LF), which is not allowed in a header"
                 )
+    return value
+
+
+def check_unicode(value: str) -> str:
+    """Return ``value`` if it is valid Unicode text; raise ``ValueError`` for a lone surrogate
+    (what undecodable bytes become, e.g. a command-line argument that is not UTF-8)."""
+    match = _SURROGATE.search(value)
+    if match:
+        raise ValueError(
+            f"contains {match.group()!r} at position {match.start()}, which is not valid "
+            "Unicode text (undecodable bytes?)"
+        )
     return value
 
 
@@ -267,6 +288,11 @@ class MailEvent(_Model):
     def _subject_ok(cls, value: str) -> str:
         return check_header_text(value)
 
+    @field_validator("message")
+    @classmethod
+    def _message_ok(cls, value: str) -> str:
+        return check_unicode(value)
+
     @field_validator("reply_to")
     @classmethod
     def _reply_to_ok(cls, value: str | None) -> str | None:
@@ -278,7 +304,7 @@ class MailEvent(_Model):
     @field_validator("event_id")
     @classmethod
     def _event_id_ok(cls, value: str) -> str:
-        if not _EVENT_ID_PATTERN.match(value):
+        if not EVENT_ID_PATTERN.match(value):
             raise ValueError(
                 "must be 1 to 200 characters of letters, digits and '_.:@-' (no spaces)"
             )

@@ -8,6 +8,7 @@ Celery's vocabulary (a result, ``MailDeliveryFailed``, or ``Retry``). Per-proces
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import threading
@@ -161,6 +162,25 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
         except Exception:  # keeping it must never stop the consumer
             log.exception("could not keep a rejected task message")
 
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler, but a message that makes it fail (a body that is JSON but not
+        ``[args, kwargs, embed]``, say) is kept and acknowledged instead of stopping the
+        worker, which would otherwise meet the same message again after every restart."""
+        handler = super().create_task_handler(*args, **kwargs)
+        passing = (MemoryError, *self.connection_errors, *self.channel_errors)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handler(message)
+            except passing:
+                raise
+            except Exception as exc:
+                self._keep(message, f"the task message is malformed ({type(exc).__name__}: {exc})")
+                message.ack_log_error(log, self.connection_errors)
+                return None
+
+        return on_task_received
+
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         """Survive kombu's Redis transport failing to close a connection that is already gone
         (it tries to restore unacked messages through it and raises AttributeError, which
@@ -188,14 +208,19 @@ def enqueue_raw(app: Celery, store: Store, raw: Any, event_id: str, queue: str) 
     """Enqueue a raw event again under its own id (retries, replay, forwarding, lost messages),
     noted as pending first so that a lost broker message is found again; redacted for Flower."""
     store.note_pending([(event_id, raw)])
-    app.send_task(
-        names.TASK_NAME,
-        kwargs={"event": raw},
-        task_id=event_id,
-        queue=queue,
-        kwargsrepr=_redacted_summary(raw, event_id),
-        argsrepr="()",
-    )
+    try:
+        app.send_task(
+            names.TASK_NAME,
+            kwargs={"event": raw},
+            task_id=event_id,
+            queue=queue,
+            kwargsrepr=_redacted_summary(raw, event_id),
+            argsrepr="()",
+        )
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            store.forget_pending([event_id])  # not enqueued: the sweep must not send it
+        raise
 
 
 def pump_once(app: Celery, store: Store) -> int:
@@ -220,8 +245,27 @@ def sweep_lost(app: Celery, store: Store, older_than_s: float) -> int:
     return len(lost)
 
 
+def _keep_unreadable_queue_items() -> None:
+    """Make ``redis://``, ``rediss://`` and ``sentinel://`` brokers use the transports of
+    ``worker.transport``, which set aside queue items that are not messages instead of
+    stopping the worker (kombu resolves broker URL schemes through this table)."""
+    from kombu import transport
+
+    ours = {
+        "redis": "worker.transport:KeepingTransport",
+        "rediss": "worker.transport:KeepingTransport",
+        "sentinel": "worker.transport:KeepingSentinelTransport",
+    }
+    transport.TRANSPORT_ALIASES.update(ours)
+    cache = getattr(transport, "_transport_cache", None)
+    if isinstance(cache, dict):
+        for scheme in ours:
+            cache.pop(scheme, None)
+
+
 def create_app(config: Config) -> Celery:
     """The worker's Celery app for ``config``."""
+    _keep_unreadable_queue_items()
     app = Celery("mailsender", broker=config.broker_url, backend=config.backend_url)
     app.conf.update(
         task_serializer="json",

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from producer import names
 from producer.client import MailProducer, redact_url
-from producer.errors import MailSenderError
+from producer.errors import BROKER_REFUSALS, InvalidEvent, MailSenderError
 from producer.models import Attachment, InstanceEvent, MailEvent, Transaction
 from worker.config import ENV_CONFIG, Config, load_config
 from worker.errors import ConfigError, DeliveryError, WorkerError
@@ -42,7 +42,7 @@ def friendly_errors() -> Iterator[None]:
     """Turn every expected error into one sentence and an exit status."""
     try:
         yield
-    except ConfigError as exc:
+    except (ConfigError, InvalidEvent) as exc:
         fail(str(exc), 2)
     except (MailSenderError, WorkerError) as exc:
         fail(str(exc))
@@ -50,6 +50,8 @@ def friendly_errors() -> Iterator[None]:
         fail(f"cannot reach Redis: {exc}")
     except OperationalError as exc:
         fail(f"cannot reach the broker: {exc}")
+    except BROKER_REFUSALS as exc:
+        fail(f"the broker refused the connection: {exc}")
     except TimeoutError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -101,11 +103,29 @@ def worker(ctx: click.Context) -> None:
         config = load_config()
     except ConfigError as exc:
         fail(str(exc), 2)
+    if not config.instances:
+        fail("the configuration has no instances: a worker would have nothing to send", 2)
+    refused = broker_refusal(config.broker_url)
+    if refused:
+        fail(refused, 2)
     app = create_app(config)
     args = list(ctx.args)
     if not any(a.startswith(("-l", "--loglevel")) for a in args):
         args += ["--loglevel", "INFO"]
     app.worker_main(["worker", *args])
+
+
+def broker_refusal(url: str) -> str | None:
+    """Why the broker refuses us for good (a login refused), or None. A broker that is merely
+    not reachable yet is not a refusal: the worker keeps trying to connect, as Celery does."""
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.connect()
+    except BROKER_REFUSALS as exc:
+        return f"the broker at {redact_url(url)} refused the connection: {exc}"
+    except Exception:  # not reachable now: Celery's own retries take over
+        return None
+    return None
 
 
 def _check_services(config: Config) -> list[tuple[str, str, str | None]]:
@@ -383,10 +403,11 @@ def replay(event_ids: tuple[str, ...]) -> None:
         producer = MailProducer(broker, backend)
         missing = []
         for event_id in ids:
-            letter = store.take_for_replay(event_id)
-            if letter is None:
+            taken = store.take_for_replay(event_id)
+            if taken is None:
                 missing.append(event_id)
                 continue
+            letter, stored = taken
             enqueue_raw(
                 producer.app,
                 store,
@@ -394,6 +415,7 @@ def replay(event_ids: tuple[str, ...]) -> None:
                 event_id,
                 producer.queue_for(str(letter.get("instance", ""))),
             )
+            store.forget_dead_letter(event_id, stored)  # only once it is enqueued
             out.print(f"replayed {event_id}")
         if missing:
             fail(f"no failed event with id {', '.join(missing)}")

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from producer import names
 from producer.models import INSTANCE_NAME_PATTERN, check_header_text, parse_address_list
@@ -169,7 +169,9 @@ class Config(BaseModel):
     broker_url: str = names.DEFAULT_BROKER_URL
     result_backend: str = ""
     visibility_timeout_s: float = Field(default=3600.0, gt=0, le=30 * DAY_S)
-    lost_message_after_s: float | None = Field(default=None, gt=0, le=30 * DAY_S)
+    # Longer than a producer's publish retries (about 6 s), so that an event whose publish
+    # finally failed (EnqueueFailed) is not enqueued by the sweep after all.
+    lost_message_after_s: float | None = Field(default=None, ge=10, le=30 * DAY_S)
     broker_transport_options: dict[str, Any] = Field(default_factory=dict)
     idempotency_ttl_s: float = Field(default=7 * DAY_S, gt=0, le=366 * DAY_S)
     dead_letter_max: int = Field(default=10000, ge=1, le=10_000_000)
@@ -187,6 +189,13 @@ class Config(BaseModel):
     @classmethod
     def _backend_url_ok(cls, value: str) -> str:
         return _url_ok(value, names.BACKEND_SCHEMES) if value else value
+
+    @field_validator("attachment_root")
+    @classmethod
+    def _root_is_a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a directory")
+        return value
 
     @property
     def lost_after_s(self) -> float:
@@ -289,6 +298,17 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
         if not isinstance(params, dict):
             errors.append(f"{prefix}must be a mapping of parameters")
             continue
+        spellings: dict[str, list[str]] = {}
+        for key in params:
+            if isinstance(key, str):
+                spellings.setdefault(to_snake(key), []).append(key)
+        twice = [keys for keys in spellings.values() if len(keys) > 1]
+        if twice:
+            errors.extend(
+                f"{prefix}{' and '.join(keys)} are the same parameter; give it once"
+                for keys in twice
+            )
+            continue
         var_errors: list[str] = []
         expanded = _expand(params, env, "", var_errors)
         errors.extend(prefix + e for e in var_errors)
@@ -330,6 +350,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         why = " (aliases like *name are not allowed)" if "alias" in str(exc) else ""
+        if "given twice" in str(exc):
+            why = f": {getattr(exc, 'problem', '')}"
         raise ConfigError(
             [f"configuration file {str(path)!r} is not valid YAML{where}{why}"]
         ) from None
@@ -346,3 +368,17 @@ class _NoAliasLoader(yaml.SafeLoader):
                 None, None, "aliases are not allowed", event.start_mark
             )
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A key given twice is an error, not a silent "the last one wins"."""
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from producer.errors import InvalidEvent
-from producer.models import INSTANCE_NAME_PATTERN, MailEvent, Transaction, utc_now
+from producer.models import (
+    EVENT_ID_PATTERN,
+    INSTANCE_NAME_PATTERN,
+    MailEvent,
+    Transaction,
+    utc_now,
+)
 from worker.classify import backoff_s
 from worker.config import Config, InstanceConfig
 from worker.errors import PermanentError, TransientError
@@ -100,12 +107,16 @@ def _instance_name_of(raw: Any) -> str:
     return "unknown"
 
 
-def _event_id_of(raw: Any, task_id: str) -> str:
+def _event_id_of(raw: Any, task_id: str | None) -> str:
+    """The id an outcome is stored under: the event's own, if it is a valid one, else the
+    task's (what a waiting client holds), else a new one (a hand-made message without id)."""
     if isinstance(raw, dict):
         value = raw.get("eventId", raw.get("event_id"))
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and EVENT_ID_PATTERN.match(value):
             return value
-    return task_id
+    if isinstance(task_id, str) and EVENT_ID_PATTERN.match(task_id):
+        return task_id
+    return str(uuid.uuid4())
 
 
 @dataclass

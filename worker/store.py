@@ -70,6 +70,14 @@ local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 
 for _, member in ipairs(stale) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
 return stale
 """
+_FORGET_LETTER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -239,6 +247,7 @@ class Store:
         self._take = self.r.register_script(_TAKE)
         self._claim_stale = self.r.register_script(_CLAIM_STALE)
         self._begin = self.r.register_script(_BEGIN)
+        self._forget_letter = self.r.register_script(_FORGET_LETTER)
         self._finals = self.r.register_script(_FINALS)
         self._published = self.r.register_script(_PUBLISHED)
 
@@ -460,6 +469,14 @@ class Store:
             pipe.zadd(names.PENDING_INDEX_KEY, {event_id: now_ms})
         pipe.execute()
 
+    def forget_pending(self, event_ids: list[str]) -> None:
+        """Drop the pending notes of events that were not enqueued after all."""
+        if event_ids:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hdel(names.PENDING_KEY, *event_ids)
+            pipe.zrem(names.PENDING_INDEX_KEY, *event_ids)
+            pipe.execute()
+
     # -- attachments by reference ------------------------------------------------------------
 
     def blobs(self, keys: list[str]) -> dict[str, bytes]:
@@ -486,17 +503,19 @@ class Store:
         values = cast(list[str | None], self.r.hmget(DEAD_KEY, ids))
         return [json.loads(v) for v in values if v]
 
-    def take_for_replay(self, event_id: str) -> dict[str, Any] | None:
-        """Remove a dead letter and reset its record so that it can be sent again."""
+    def take_for_replay(self, event_id: str) -> tuple[dict[str, Any], str] | None:
+        """A dead letter to replay, and its stored form for ``forget_dead_letter``; the event's
+        record is reset so that it can be sent again. The letter itself stays until the replay
+        is enqueued."""
         value = cast(str | None, self.r.hget(DEAD_KEY, event_id))
         if value is None:
             return None
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hdel(DEAD_KEY, event_id)
-        pipe.zrem(DEAD_INDEX_KEY, event_id)
-        pipe.delete(event_key(event_id))
-        pipe.execute()
-        return cast(dict[str, Any], json.loads(value))
+        self.r.delete(event_key(event_id))
+        return cast(dict[str, Any], json.loads(value)), value
+
+    def forget_dead_letter(self, event_id: str, stored: str) -> None:
+        """Remove a replayed dead letter, unless a newer failure of the event replaced it."""
+        self._forget_letter(keys=[DEAD_KEY, DEAD_INDEX_KEY], args=[event_id, stored])
 
     def transactions(self, count: int = 2000) -> list[Transaction]:
         """The newest transactions of the log first."""

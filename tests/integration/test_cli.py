@@ -18,7 +18,7 @@ from celery.result import AsyncResult
 
 from producer import MailEvent, MailProducer
 from tests.conftest import PASSWORD, USER, Servers
-from tests.support.fleet import EventsReader, RedisServer
+from tests.support.fleet import EventsReader, RedisServer, free_port
 from tests.support.smtp import Rule
 from worker.devserver import TlsMaterial
 
@@ -431,6 +431,14 @@ def test_replay_delivers_a_dead_lettered_event(
     assert events.wait_for(receipt.event_id)["name"] == "Plain.Failed"
 
     fleet.plain.reset()  # the server's rule is cleared
+    # A replay that cannot reach the broker keeps the dead letter and leaves nothing pending.
+    away = {**cli_env, "MAILSENDER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    failed = mailsender("replay", receipt.event_id, env=away)
+    assert failed.returncode == 1
+    assert_no_traceback(failed)
+    assert backend.hexists("mailsender:deadletters", receipt.event_id)
+    assert not backend.hexists("mailsender:pending", receipt.event_id)
+
     result = mailsender("replay", receipt.event_id, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert f"replayed {receipt.event_id}" in result.stdout

@@ -334,7 +334,7 @@ def test_an_event_whose_broker_message_was_lost_is_enqueued_again(
     worker killed in between loses it. Producers note events as pending until a worker starts
     them; workers re-enqueue what stays pending for `lost_message_after_s`."""
     config = config_for(own_redis, smtp)
-    config["lost_message_after_s"] = 2
+    config["lost_message_after_s"] = 10
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     receipt = producer.send(
         MailEvent(instance="Crash", subject="lost", message="x", recipients="lost@example.com")
@@ -343,7 +343,7 @@ def test_an_event_whose_broker_message_was_lost_is_enqueued_again(
     assert broker.delete("mailsender") == 1  # the broker message is gone, as in the crash
     worker = WorkerProcess(tmp_path, config, name="w", concurrency=1).start()
     try:
-        tx = receipt.wait(timeout_s=20)
+        tx = receipt.wait(timeout_s=40)
     finally:
         worker.stop()
         producer.close()

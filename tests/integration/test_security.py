@@ -673,6 +673,97 @@ def test_only_json_task_messages_are_run(
     assert producer.send(event()).wait(timeout_s=WAIT_S).success is True
 
 
+def _envelope(body: bytes, headers: dict[str, Any]) -> bytes:
+    """A kombu message envelope as the Redis transport keeps it on the queue list."""
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+                "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                "priority": 0,
+                "delivery_mode": 2,
+            },
+        }
+    ).encode()
+
+
+HOSTILE_ITEMS = [
+    pytest.param(b"this is not json at all", id="not-json"),
+    pytest.param(b"\xff\xfe\x00binary", id="binary"),
+    pytest.param(b"[1, 2, 3]", id="json-list"),
+    pytest.param(b'{"body": "!!!", "headers": {}}', id="no-properties"),
+]
+
+
+@pytest.mark.parametrize("item", HOSTILE_ITEMS)
+def test_a_queue_item_that_is_not_a_message_is_set_aside_and_the_worker_goes_on(
+    fleet: Servers,
+    fleet_worker: WorkerProcess,
+    redis_server: RedisServer,
+    producer: MailProducer,
+    item: bytes,
+) -> None:
+    broker = redis.Redis.from_url(redis_server.url(0))
+    broker.delete("mailsender:unreadable")
+    broker.lpush(QUEUE, item)
+    assert wait_until(lambda: broker.lrange("mailsender:unreadable", 0, -1) == [item], 10), (
+        f"not set aside; worker log:\n{fleet_worker.log()[-3000:]}"
+    )
+    assert "moved to mailsender:unreadable" in fleet_worker.log()
+    broker.close()
+    assert fleet_worker.proc is not None and fleet_worker.proc.poll() is None
+    assert producer.send(event()).wait(timeout_s=WAIT_S).success is True
+
+
+def test_a_task_message_whose_body_is_not_args_kwargs_embed_is_kept_not_fatal(
+    fleet: Servers,
+    fleet_worker: WorkerProcess,
+    redis_server: RedisServer,
+    producer: MailProducer,
+    backend: redis.Redis,
+) -> None:
+    task_id = new_id("bad-body")
+    broker = redis.Redis.from_url(redis_server.url(0))
+    headers = {"lang": "py", "task": TASK_NAME, "id": task_id, "root_id": task_id}
+    broker.lpush(QUEUE, _envelope(b'{"not": "a list"}', headers))
+    assert wait_until(lambda: bool(stream_transactions(backend, task_id))), (
+        f"no transaction; worker log:\n{fleet_worker.log()[-3000:]}"
+    )
+    [tx] = stream_transactions(backend, task_id)
+    assert tx["success"] is False
+    assert "malformed" in tx["message"]
+    assert dead_letter(backend, task_id) is not None
+    # Acknowledged: not met again by this worker or the next one.
+    assert wait_until(lambda: task_id not in repr(broker.hvals("unacked")), 5)
+    assert task_id not in repr(broker.lrange(QUEUE, 0, -1))
+    broker.close()
+    assert fleet_worker.proc is not None and fleet_worker.proc.poll() is None
+    assert producer.send(event()).wait(timeout_s=WAIT_S).success is True
+
+
+def test_a_task_message_without_a_task_id_ends_once_and_does_not_loop(
+    fleet: Servers,
+    fleet_worker: WorkerProcess,
+    redis_server: RedisServer,
+) -> None:
+    broker = redis.Redis.from_url(redis_server.url(0))
+    headers = {"lang": "py", "task": TASK_NAME, "id": None, "root_id": None}
+    subject = new_id("no-task-id")
+    body = json.dumps([[], {"event": event(subject=subject)}, {}]).encode()
+    broker.lpush(QUEUE, _envelope(body, headers))
+    broker.close()
+    assert fleet.plain.wait_for(lambda s: len(s.received) == 1, timeout_s=WAIT_S)
+    time.sleep(1.5)  # no second copy: the message is not requeued for ever
+    [mail] = fleet.plain.received
+    assert mail.message()["subject"] == subject
+    assert "infrastructure unavailable" not in fleet_worker.log()
+
+
 # --- 5. the password is nowhere -------------------------------------------------------------
 
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")

@@ -223,6 +223,12 @@ def test_each_problem_names_instance_and_key(name: str, params: Any, key: str, t
         ({"instances": ["Alerts"]}, "instances"),
         (["instances"], "mapping"),
         ("instances: none", "mapping"),
+        ({"instances": {}, "attachment_root": "/no/such/directory"}, "is not a directory"),
+        ({"instances": {}, "lost_message_after_s": 5}, "lost_message_after_s"),
+        (
+            {"instances": {"A": {"mailServer": "x", "mail_server": "y", "sender": "a@b.c"}}},
+            "mailServer and mail_server are the same parameter",
+        ),
     ],
 )
 def test_top_level_problems(raw: Any, text: str) -> None:
@@ -366,6 +372,7 @@ def test_load_config_missing_file_is_one_sentence(tmp_path: Path) -> None:
         ("instances: [unclosed\n", None),
         ("instances:\n  Alerts:\n    mailServer: 'open\n", None),
         ("a: 1\n\tb: 2\n", 2),
+        ("instances:\n  A: {}\n  A: {}\n", 3),  # a key given twice is not "the last wins"
     ],
 )
 def test_load_config_invalid_yaml_is_one_sentence(

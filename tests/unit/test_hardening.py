@@ -109,5 +109,9 @@ def test_producer_refuses_urls_of_unknown_kinds() -> None:
 def test_send_many_names_the_position_of_the_bad_event() -> None:
     producer = MailProducer("redis://127.0.0.1:1/0")  # never reached: validation comes first
     with pytest.raises(InvalidEvent) as info:
-        producer.send_many([{"instance": "A"}, {"instance": "A", "subject": "x\ny"}])
-    assert str(info.value).startswith("event 1 of 2: invalid mail event: subject:")
+        producer.send_many(
+            [{"instance": "A"}, {"instance": "A", "subject": "x\ny"}, {"instance": "bad name"}]
+        )
+    message = str(info.value)
+    assert message.startswith("event 2 of 3: invalid mail event: subject:")  # counted from 1
+    assert "; event 3 of 3: invalid mail event: instance:" in message  # every bad one named

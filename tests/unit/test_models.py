@@ -357,6 +357,13 @@ INVALID_EVENTS = [
     (event(subject="x\n", eventId="a b"), ["subject:", "eventId:"]),
     ([1, 2], ["expected a JSON object", "list"]),
     ("Alerts", ["expected a JSON object", "str"]),
+    # What str.splitlines (and so the email package) takes for a line break.
+    (event(subject="a\u2028Bcc: eve@example.net"), ["subject:", "line separator"]),
+    (event(subject="a\x85b"), ["subject:", "line separator"]),
+    (event(cc="Eve\u2029 <eve@example.net>"), ["cc:", "line separator"]),
+    # Lone surrogates: undecodable bytes (a non-UTF-8 command-line argument), not text.
+    (event(subject="a\ud800b"), ["subject:", "not valid Unicode"]),
+    (event(message="body \udcff"), ["message:", "not valid Unicode"]),
 ]
 
 
