@@ -114,14 +114,58 @@ class RetryPump(bootsteps.StartStopStep):  # type: ignore[misc]
                 self._stop.wait(INFRA_BACKOFF_S)
 
 
+def shown_arguments(payload: Any) -> tuple[str, str]:
+    """What Flower and Celery's logs show as a task's arguments: a redacted summary of the
+    event(s) the message carries (instance, event id, subject), never a body, an address list
+    or an attachment. Cheap: no validation, only a few dictionary lookups."""
+
+    def one(raw: Any) -> str:
+        if not isinstance(raw, dict):
+            return f"<{type(raw).__name__}>"
+        fields = {
+            "instance": raw.get("instance"),
+            "eventId": raw.get("eventId", raw.get("event_id")),
+            "subject": raw.get("subject"),
+        }
+        shown = {k: v[:80] for k, v in fields.items() if isinstance(v, str)}
+        return repr({**shown, "redacted": True})
+
+    if not isinstance(payload, list | tuple) or len(payload) < 2:
+        return "()", "{'redacted': True}"
+    try:
+        args, kwargs = payload[0], payload[1]
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("events"), list):
+            events = kwargs["events"]
+            heads = ", ".join(one(raw) for raw in events[:3])
+            more = f", ... {len(events) - 3} more" if len(events) > 3 else ""
+            return "()", f"{{'events': [{heads}{more}]}}"
+        raw = kwargs.get("event") if isinstance(kwargs, dict) else None
+        if raw is None and isinstance(args, list | tuple) and args:
+            raw = args[0]
+        return "()", f"{{'event': {one(raw)}}}"
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return "()", "{'redacted': True}"
+
+
 class SafeRequest(Request):  # type: ignore[misc]
-    """A task request whose acknowledgement survives a broker connection lost mid-task.
+    """A task request whose arguments are shown redacted, and whose acknowledgement survives a
+    broker connection lost mid-task.
+
+    Whatever ``argsrepr``/``kwargsrepr`` a client sent (Celery's own client sends the whole
+    keyword arguments, mail body included), the worker replaces them with
+    ``shown_arguments``: they go into the task events Flower shows and into Celery's log lines.
 
     With the Redis transport, acknowledging on a channel whose connection just dropped raises
     AttributeError deep in kombu, which Celery treats as unrecoverable and the worker dies.
     The message is restored to the queue by the transport anyway; its redelivery finds the
     event final in the idempotency record, so it is not sent again.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shown = shown_arguments(self._payload)  # decoded once by Celery's Request already
+        self._argsrepr, self._kwargsrepr = shown
+        self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = shown
 
     def acknowledge(self) -> None:
         try:

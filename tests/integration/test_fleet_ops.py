@@ -408,12 +408,37 @@ def test_flower_shows_the_task_with_a_redacted_summary(
                 recipients="f@example.com",
             )
         )
+        # A plain Celery client puts the whole keyword arguments, body included, into the
+        # kwargsrepr header; the worker shows its own redacted summary instead.
+        client = Celery(broker=producer.broker_url, backend=producer.result_backend)
+        plain_body = "the body a plain Celery client sent"
+        raw_id = f"plain-{receipt.event_id}"
+        try:
+            client.send_task(
+                "mailsender.send",
+                kwargs={
+                    "event": {
+                        "instance": "Plain",
+                        "subject": "plain client",
+                        "message": plain_body,
+                        "recipients": "f@example.com",
+                        "eventId": raw_id,
+                    }
+                },
+                task_id=raw_id,
+                queue="mailsender",
+            )
+        finally:
+            client.close()
         assert receipt.wait(timeout_s=20).success
+        assert producer.receipt(raw_id).wait(timeout_s=20).success
         task: dict[str, Any] = {}
+        raw_task: dict[str, Any] = {}
         while time.monotonic() < deadline + 30:
             tasks = get("/api/tasks")
             task = tasks.get(receipt.event_id) or {}
-            if task.get("state") == "SUCCESS":
+            raw_task = tasks.get(raw_id) or {}
+            if task.get("state") == "SUCCESS" and raw_task.get("state") == "SUCCESS":
                 break
             time.sleep(0.3)
         with pytest.raises(urllib.error.HTTPError):  # basic auth is enforced
@@ -427,3 +452,7 @@ def test_flower_shows_the_task_with_a_redacted_summary(
     assert "'instance': 'Plain'" in task["kwargs"]
     assert receipt.event_id in task["kwargs"]
     assert secret_body not in json.dumps(task)
+    assert raw_task.get("state") == "SUCCESS", raw_task
+    shown = {"instance": "Plain", "eventId": raw_id, "subject": "plain client", "redacted": True}
+    assert raw_task["kwargs"] == repr({"event": shown})
+    assert plain_body not in json.dumps(raw_task)

@@ -115,3 +115,52 @@ def test_send_many_names_the_position_of_the_bad_event() -> None:
     message = str(info.value)
     assert message.startswith("event 2 of 3: invalid mail event: subject:")  # counted from 1
     assert "; event 3 of 3: invalid mail event: instance:" in message  # every bad one named
+
+
+@pytest.mark.parametrize(
+    ("payload", "shown"),
+    [
+        (
+            [
+                [],
+                {"event": {"instance": "A", "eventId": "e1", "subject": "s", "message": "BODY"}},
+                {},
+            ],
+            "{'event': {'instance': 'A', 'eventId': 'e1', 'subject': 's', 'redacted': True}}",
+        ),
+        (
+            [
+                [{"instance": "A", "event_id": "e2", "message": "BODY", "attachments": ["x"]}],
+                {},
+                {},
+            ],
+            "{'event': {'instance': 'A', 'eventId': 'e2', 'redacted': True}}",
+        ),
+        (
+            [
+                [],
+                {
+                    "events": [
+                        {"instance": "A", "eventId": f"e{i}", "message": "BODY"} for i in range(5)
+                    ]
+                },
+                {},
+            ],
+            "{'events': [{'instance': 'A', 'eventId': 'e0', 'redacted': True}, "
+            "{'instance': 'A', 'eventId': 'e1', 'redacted': True}, "
+            "{'instance': 'A', 'eventId': 'e2', 'redacted': True}, ... 2 more]}",
+        ),
+        ([[], {"event": "BODY as a string"}, {}], "{'event': <str>}"),
+        (
+            [[], {"event": {"instance": 7, "subject": "x" * 200}}, {}],
+            "{'event': {'subject': '" + "x" * 80 + "', 'redacted': True}}",
+        ),
+        ("not a payload", "{'redacted': True}"),
+        (None, "{'redacted': True}"),
+    ],
+)
+def test_task_arguments_are_shown_redacted(payload: object, shown: str) -> None:
+    """What Flower and Celery's logs show for any task message: never the body."""
+    from worker.app import shown_arguments
+
+    assert shown_arguments(payload) == ("()", shown)
