@@ -119,6 +119,7 @@ def worker_config(redis_server: RedisServer, smtp: TestSmtpServer, visibility_s:
         "broker_url": redis_server.url(0),
         "result_backend": redis_server.url(1),
         "visibility_timeout_s": visibility_s,
+        "send_lock_lease_s": 15,  # killed workers' events come back within 15 s
         "instances": {
             INSTANCE: {
                 "mailServer": "127.0.0.1",

@@ -172,6 +172,9 @@ class Config(BaseModel):
     # Longer than a producer's publish retries (about 6 s), so that an event whose publish
     # finally failed (EnqueueFailed) is not enqueued by the sweep after all.
     lost_message_after_s: float | None = Field(default=None, ge=10, le=30 * DAY_S)
+    # A send lock is renewed every third of this while its worker lives; a killed worker's
+    # events wait at most this long before another worker may send them.
+    send_lock_lease_s: float = Field(default=60.0, ge=3, le=DAY_S)
     broker_transport_options: dict[str, Any] = Field(default_factory=dict)
     idempotency_ttl_s: float = Field(default=7 * DAY_S, gt=0, le=366 * DAY_S)
     dead_letter_max: int = Field(default=10000, ge=1, le=10_000_000)

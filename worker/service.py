@@ -100,6 +100,56 @@ class ConnectionPool:
             conn.close()
 
 
+class LockKeeper:
+    """Renews the send locks this process holds, every third of their lease, until released.
+
+    A lock's lease (``send_lock_lease_s``) is then the longest a killed worker's events wait
+    for another worker, while a send that takes longer than the lease (a huge message on a slow
+    link, many slow recipients) keeps its lock: no redelivery can send it a second time.
+    """
+
+    def __init__(self, store: Store, lease_s: float) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, held: list[tuple[str, str]]) -> None:
+        """Keep these (event id, token) locks until ``release``."""
+        if not held:
+            return
+        with self._lock:
+            self._held.update(held)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="mailsender-lock-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def release(self, event_ids: list[str]) -> None:
+        """Stop renewing these locks (they are given back, or left to expire)."""
+        with self._lock:
+            for event_id in event_ids:
+                self._held.pop(event_id, None)
+
+    def _loop(self) -> None:
+        while not self._wake.wait(self.lease_s / 3):
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                continue
+            try:
+                self.store.extend_locks(held, self.lease_s)
+            except Exception as exc:  # Redis away: the next round tries again
+                log.warning("cannot renew %d send lock(s): %s", len(held), exc)
+
+    def close(self) -> None:
+        """Stop the renewing thread."""
+        self._wake.set()
+
+
 def _instance_name_of(raw: Any) -> str:
     value = raw.get("instance") if isinstance(raw, dict) else None
     if isinstance(value, str) and re.match(INSTANCE_NAME_PATTERN, value):
@@ -145,6 +195,7 @@ class Deliverer:
         self.pool = ConnectionPool()
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self.locks = LockKeeper(store, config.send_lock_lease_s)
         self._slots = {
             name: threading.BoundedSemaphore(inst.max_connections)
             for name, inst in config.instances.items()
@@ -159,14 +210,19 @@ class Deliverer:
     def run_many(self, items: list[tuple[Any, str]], queue: str) -> list[Outcome]:
         """Deliver several raw events; returns one outcome each, in order."""
         jobs = self._begin(items, queue)
-        ready = self._within_rate_limits([j for j in jobs if j.outcome is None])
-        sending = self._lock_for_sending(ready)
-        self._send_all(sending)
+        held = [(j.event_id, j.token) for j in jobs if j.token]
+        self.locks.hold(held)
         try:
-            self._record(jobs)
-        except BaseException:
-            self.store.release_many([(j.event_id, j.token) for j in jobs if j.token])
-            raise
+            ready = self._within_rate_limits([j for j in jobs if j.outcome is None])
+            sending = self._lock_for_sending(ready)
+            self._send_all(sending)
+            try:
+                self._record(jobs)
+            except BaseException:
+                self.store.release_many(held)
+                raise
+        finally:
+            self.locks.release([event_id for event_id, _ in held])
         outcomes: list[Outcome] = []
         for job in jobs:
             assert job.outcome is not None
@@ -195,7 +251,7 @@ class Deliverer:
             if isinstance(raw, dict) and "eventId" not in raw and "event_id" not in raw:
                 raw = {**raw, "eventId": event_id}
             prepared.append((event_id, raw))
-        leases = [self._lease_s(raw) for _, raw in prepared]
+        leases = [self.config.send_lock_lease_s] * len(prepared)
         begun = self.store.begin_many(prepared, queue, leases)
         jobs: list[_Job] = []
         for (event_id, raw), (record, token) in zip(prepared, begun, strict=True):
@@ -244,13 +300,6 @@ class Deliverer:
                     job, f"rate limit {self.config.instances[name].rate_limit}", delay, counts=False
                 )
         return ready
-
-    def _lease_s(self, raw: Any) -> float:
-        """How long the send lock is taken: longer than one attempt can take (each SMTP step is
-        bounded by timeoutS); a worker killed while holding it delays the event's redelivery by
-        at most this much."""
-        instance = self.config.instances.get(_instance_name_of(raw))
-        return (instance.timeout_s if instance else 60.0) * 4 + 10
 
     def _lock_for_sending(self, jobs: list[_Job]) -> list[_Job]:
         """The jobs whose send lock this run holds; the others wait for the lock holder."""
@@ -485,6 +534,7 @@ class Deliverer:
 
     def close(self) -> None:
         """Close SMTP sessions and the thread pool."""
+        self.locks.close()
         self.pool.close_all()
         if self._executor is not None:
             self._executor.shutdown(wait=False)

@@ -7,7 +7,8 @@ Keys (all under ``mailsender:``):
   far, the final ``transaction``, whether it was ``logged`` (stream entry, dead letter), who
   claimed ``publishing`` its instance event and when, and ``finalized`` (event published).
   Expires ``idempotency_ttl_s`` after the last attempt.
-- ``lock:<id>`` — held while one worker talks SMTP for the event.
+- ``lock:<id>`` — held while one worker talks SMTP for the event; its lease is renewed while
+  the worker lives, so it outlives a killed worker by at most ``send_lock_lease_s``.
 - ``pending`` hash + ``pending:index`` sorted set — written by producers, removed when a worker
   starts the event; what stays too long had its broker message lost and is enqueued again.
 - ``rate:<instance>:<window>`` — fleet-wide send counts for ``rateLimit``.
@@ -77,6 +78,17 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return 1
 end
 return 0
+"""
+# KEYS: lock key per lock; ARGV: lease (ms), then the token of each lock.
+_EXTEND = """
+local extended = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    extended = extended + 1
+  end
+end
+return extended
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -248,6 +260,7 @@ class Store:
         self._claim_stale = self.r.register_script(_CLAIM_STALE)
         self._begin = self.r.register_script(_BEGIN)
         self._forget_letter = self.r.register_script(_FORGET_LETTER)
+        self._extend = self.r.register_script(_EXTEND)
         self._finals = self.r.register_script(_FINALS)
         self._published = self.r.register_script(_PUBLISHED)
 
@@ -369,6 +382,15 @@ class Store:
                 pipe.execute()
 
     # -- the send lock ---------------------------------------------------------------------
+
+    def extend_locks(self, held: list[tuple[str, str]], lease_s: float) -> int:
+        """Extend the send locks in ``held`` that are still ours to ``lease_s`` from now, in
+        one round trip; returns how many were."""
+        if not held:
+            return 0
+        keys = [lock_key(event_id) for event_id, _ in held]
+        args: list[str | int] = [int(lease_s * 1000), *(token for _, token in held)]
+        return int(self._extend(keys=keys, args=args))
 
     def release_many(self, held: list[tuple[str, str]]) -> None:
         """Give send locks back (those still ours), in one round trip."""

@@ -21,7 +21,14 @@ from tests.support.smtp import Rule, TestSmtpServer
 
 
 def config_for(redis_server: RedisServer, smtp: TestSmtpServer, **params: Any) -> dict[str, Any]:
-    top = {k: params.pop(k) for k in list(params) if k in {"visibility_timeout_s"}}
+    top = {
+        "send_lock_lease_s": 6,  # a killed worker's events wait at most this long
+        **{
+            k: params.pop(k)
+            for k in list(params)
+            if k in {"visibility_timeout_s", "send_lock_lease_s"}
+        },
+    }
     return {
         "broker_url": redis_server.url(0),
         "result_backend": redis_server.url(1),
@@ -325,6 +332,37 @@ def test_same_event_enqueued_concurrently_is_sent_once(
     # The copies that found the lock taken waited (not counted as attempts; their waits share
     # one retry entry per event id) and then found the event final.
     assert int(record["attempts"]) >= 2
+
+
+def test_a_send_longer_than_the_lock_lease_keeps_its_lock(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    """The send lock is renewed while its worker lives: a copy of the event that comes while
+    a slow send (5 s) outlasts the lease (3 s) keeps waiting instead of sending it again."""
+    smtp.add_rule(Rule("data", "", times=None, delay_s=5))
+    config = config_for(own_redis, smtp, send_lock_lease_s=3, timeoutS=10)
+    workers = [
+        WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=1).start() for i in range(2)
+    ]
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    event = MailEvent(
+        instance="Crash", subject="slow", message="x", recipients="slow@example.com",
+        event_id="slow-send-lease",
+    )  # fmt: skip
+    try:
+        producer.send_many([event, event], batch_size=1)
+        tx = producer.receipt(event.event_id).wait(timeout_s=30)
+        time.sleep(3)  # let the waiting copy run once more and find the event final
+        logs = "".join(worker.log() for worker in workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+        producer.close()
+    assert tx.success is True
+    assert smtp.accepted_count("slow@example.com") == 1
+    # The copy found the lock taken at least twice: at about 2 s and again after the lease
+    # would have run out (about 4 s) without the renewal.
+    assert logs.count("event slow-send-lease: another worker is sending it now") >= 2
 
 
 def test_an_event_whose_broker_message_was_lost_is_enqueued_again(

@@ -225,6 +225,7 @@ def test_each_problem_names_instance_and_key(name: str, params: Any, key: str, t
         ("instances: none", "mapping"),
         ({"instances": {}, "attachment_root": "/no/such/directory"}, "is not a directory"),
         ({"instances": {}, "lost_message_after_s": 5}, "lost_message_after_s"),
+        ({"instances": {}, "send_lock_lease_s": 1}, "send_lock_lease_s"),
         (
             {"instances": {"A": {"mailServer": "x", "mail_server": "y", "sender": "a@b.c"}}},
             "mailServer and mail_server are the same parameter",
