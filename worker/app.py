@@ -14,12 +14,13 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from celery import Celery, Task, bootsteps, signals
-from celery.exceptions import Reject, Retry
+from celery.exceptions import CPendingDeprecationWarning, Reject, Retry
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu import Queue
@@ -211,9 +212,19 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
         ``[args, kwargs, embed]``, say) is kept and acknowledged instead of stopping the
         worker, which would otherwise meet the same message again after every restart."""
         handler = super().create_task_handler(*args, **kwargs)
-        passing = (MemoryError, *self.connection_errors, *self.channel_errors)
+        # kombu's Redis transport counts KeyError among its connection errors, but in here a
+        # KeyError is a message without a field Celery needs (a task id, say): treating it as
+        # a lost connection would restore the message and meet it again, for ever.
+        passing = tuple(
+            e
+            for e in (MemoryError, *self.connection_errors, *self.channel_errors)
+            if not issubclass(e, LookupError)
+        )
 
         def on_task_received(message: Any) -> Any:
+            headers = getattr(message, "headers", None)
+            if isinstance(headers, dict) and "task" in headers and "id" not in headers:
+                headers["id"] = None  # as a null id: the event gets an id of its own
             try:
                 return handler(message)
             except passing:
@@ -231,7 +242,12 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
         Celery treats as unrecoverable). Those messages stay unacked in Redis and are restored
         after the visibility timeout; their events are idempotent."""
         try:
-            super().on_connection_error_after_connected(exc)
+            with warnings.catch_warnings():
+                # Celery warns on every reconnect that a future default of
+                # worker_cancel_long_running_tasks_on_connection_loss will change; we set it
+                # (False: a task keeps running, its event is idempotent), so it is only noise.
+                warnings.simplefilter("ignore", CPendingDeprecationWarning)
+                super().on_connection_error_after_connected(exc)
         except AttributeError as err:
             log.warning("broker connection lost uncleanly (%s); reconnecting", err)
 

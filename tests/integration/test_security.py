@@ -746,13 +746,17 @@ def test_a_task_message_whose_body_is_not_args_kwargs_embed_is_kept_not_fatal(
     assert producer.send(event()).wait(timeout_s=WAIT_S).success is True
 
 
+@pytest.mark.parametrize("id_header", ["null", "absent"])
 def test_a_task_message_without_a_task_id_ends_once_and_does_not_loop(
     fleet: Servers,
     fleet_worker: WorkerProcess,
     redis_server: RedisServer,
+    id_header: str,
 ) -> None:
     broker = redis.Redis.from_url(redis_server.url(0))
-    headers = {"lang": "py", "task": TASK_NAME, "id": None, "root_id": None}
+    headers: dict[str, Any] = {"lang": "py", "task": TASK_NAME, "id": None, "root_id": None}
+    if id_header == "absent":
+        del headers["id"]
     subject = new_id("no-task-id")
     body = json.dumps([[], {"event": event(subject=subject)}, {}]).encode()
     broker.lpush(QUEUE, _envelope(body, headers))
