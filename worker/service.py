@@ -433,13 +433,13 @@ class Deliverer:
                 where,
                 extra=_fields(job, smtp_code=_reply_code(sent)),
             )
-        if deferred:
+        if deferred and record.attempts <= instance.max_retries:
             reason = "deferred: " + "; ".join(f"{a}: {r}" for a, r in deferred.items())
-            if record.attempts <= instance.max_retries:
-                self._defer_backoff(job, reason)
-                return
-            refused.update(deferred)
-        self._conclude(job, accepted, refused, message_id=built.message_id, where=where)
+            self._defer_backoff(job, reason)
+            return
+        self._conclude(
+            job, accepted, refused, message_id=built.message_id, where=where, gave_up=deferred
+        )
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -452,22 +452,36 @@ class Deliverer:
         failure: str = "",
         message_id: str = "",
         where: str = "",
+        gave_up: dict[str, str] | None = None,
     ) -> None:
+        """The final transaction; ``gave_up``: recipients still deferred (4xx) after the last
+        attempt, counted as refused."""
         event, instance = job.event, job.instance
         assert event is not None and instance is not None
         success = bool(accepted)
+        attempts = job.record.attempts
+        late = "; ".join(f"{a}: {r}" for a, r in (gave_up or {}).items())
+        refused_now = "; ".join(f"{a}: {r}" for a, r in refused.items())
+        refused = {**refused, **(gave_up or {})}
         if success:
             text = f"sent to {len(accepted)} recipient(s)" + (f" via {where}" if where else "")
-            if refused:
-                text += "; refused: " + "; ".join(f"{a}: {r}" for a, r in refused.items())
+            if refused_now:
+                text += f"; refused: {refused_now}"
+            if late:
+                text += f"; still deferred, gave up after {attempts} attempts: {late}"
             if failure:
                 text += f"; then: {failure}"
         elif failure:
             text = failure
-        else:
-            text = "every recipient was refused: " + "; ".join(
-                f"{a}: {r}" for a, r in refused.items()
+        elif late and not refused_now:
+            text = f"every recipient was deferred; gave up after {attempts} attempts: {late}"
+        elif late:
+            text = (
+                f"every recipient was refused or deferred: {refused_now}; still deferred, "
+                f"gave up after {attempts} attempts: {late}"
             )
+        else:
+            text = f"every recipient was refused: {refused_now}"
         tx = Transaction(
             event_id=job.event_id,
             instance=event.instance,

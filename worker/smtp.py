@@ -52,6 +52,17 @@ def _write_data(smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
     return smtp.getreply()
 
 
+class Step:
+    """Where a transaction is, for error messages: read when an error is mapped, so that a
+    failure is named by the step it happened in (MAIL FROM, RCPT TO, DATA, end of DATA)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+AFTER_DATA_NOTE = "the server may have the mail already; a retry may deliver it twice"
+
+
 class StaleSession(TransientError):
     """A reused session was closed by the server before MAIL FROM: safe to reopen at once."""
 
@@ -321,7 +332,8 @@ class SmtpConnection:
             return self._pipelined(smtp, message, recipients, options)
         outcome = SendOutcome()
         too_many: dict[str, str] = {}
-        with self._mapped("MAIL FROM"):
+        step = Step("MAIL FROM")
+        with self._mapped(step):
             try:
                 code, text = smtp.mail(message.sender, options)
             except (smtplib.SMTPServerDisconnected, ConnectionError):
@@ -337,6 +349,7 @@ class SmtpConnection:
                 if too_many:
                     too_many[address] = next(iter(too_many.values()))
                     continue
+                step.name = f"RCPT TO <{address}>"
                 code, text = smtp.rcpt(address)
                 reply = format_reply(code, text)
                 if is_accepted(code):
@@ -350,15 +363,16 @@ class SmtpConnection:
             if not outcome.accepted:
                 self._rset(smtp)
                 return outcome, too_many
+            step.name = "DATA"
             code, text = smtp.docmd("data")
             if code != Reply.START_INPUT:
                 self._rset(smtp)
                 raise self._reply_error("DATA", code, text)
+            step.name = f"end of DATA for {', '.join(outcome.accepted)}"
             code, text = _write_data(smtp, message.data)
             if not is_accepted(code):
                 self._rset(smtp)
-                to = ", ".join(outcome.accepted)
-                raise self._reply_error(f"end of DATA for {to}", code, text)
+                raise self._reply_error(step.name, code, text)
         return outcome, too_many
 
     def _pipelined(
@@ -381,7 +395,8 @@ class SmtpConnection:
         lines.append("DATA")
         if any("\r" in line or "\n" in line for line in lines):
             raise PermanentError("an envelope address contains a line break; nothing was sent")
-        with self._mapped("MAIL FROM"):
+        step = Step("MAIL FROM")
+        with self._mapped(step):
             try:
                 smtp.send("".join(f"{line}\r\n" for line in lines))
                 code, text = smtp.getreply()
@@ -395,6 +410,7 @@ class SmtpConnection:
                 raise self._reply_error(f"MAIL FROM <{message.sender}>", code, text)
             mail_refused = None if is_accepted(code) else (code, text)
             for address in recipients:
+                step.name = f"RCPT TO <{address}>"
                 code, text = smtp.getreply()
                 reply = format_reply(code, text)
                 if mail_refused is not None:
@@ -407,6 +423,7 @@ class SmtpConnection:
                     outcome.deferred[address] = reply
                 else:
                     outcome.refused[address] = reply
+            step.name = "DATA"
             data_code, data_text = smtp.getreply()
             if data_code == Reply.START_INPUT and (mail_refused or not outcome.accepted):
                 # The server took DATA though nobody can receive it: end it empty (RFC 2920).
@@ -421,12 +438,12 @@ class SmtpConnection:
             if data_code != Reply.START_INPUT:
                 self._rset(smtp)
                 raise self._reply_error("DATA", data_code, data_text)
-        with self._mapped("end of DATA"):
+        step = Step(f"end of DATA for {', '.join(outcome.accepted)}")
+        with self._mapped(step):
             code, text = _write_data(smtp, message.data)
             if not is_accepted(code):
                 self._rset(smtp)
-                to = ", ".join(outcome.accepted)
-                raise self._reply_error(f"end of DATA for {to}", code, text)
+                raise self._reply_error(step.name, code, text)
         return outcome, too_many
 
     def _rset(self, smtp: smtplib.SMTP) -> None:
@@ -471,8 +488,10 @@ class SmtpConnection:
         return PermanentError(message, code)
 
     @contextmanager
-    def _mapped(self, stage: str) -> Iterator[None]:
-        """Map smtplib/ssl/socket exceptions raised inside to MailSender's errors."""
+    def _mapped(self, at: str | Step) -> Iterator[None]:
+        """Map smtplib/ssl/socket exceptions raised inside to MailSender's errors, named by the
+        step (``at``) they happened in."""
+        step = at if isinstance(at, Step) else Step(at)
         try:
             yield
         except DeliveryError:
@@ -480,18 +499,26 @@ class SmtpConnection:
             raise
         except smtplib.SMTPServerDisconnected as exc:
             self.close()
+            stage = step.name
+            after_data = f"; {AFTER_DATA_NOTE}" if stage.startswith("end of DATA") else ""
+            if isinstance(exc.__context__, TimeoutError):  # smtplib words a time-out as a close
+                raise TransientError(
+                    f"{stage} at {self.where}: no reply within {self.instance.timeout_s:g} s"
+                    f" (timeoutS){after_data}"
+                ) from None
             raise TransientError(
-                f"{stage} at {self.where}: the server closed the connection ({exc or 'no reply'})"
+                f"{stage} at {self.where}: the server closed the connection "
+                f"({exc or 'no reply'}){after_data}"
             ) from None
         except smtplib.SMTPNotSupportedError as exc:
             self.close()
-            raise PermanentError(f"{stage} at {self.where}: {exc}") from None
+            raise PermanentError(f"{step.name} at {self.where}: {exc}") from None
         except smtplib.SMTPResponseException as exc:
             self.close()
-            raise self._reply_error(stage, exc.smtp_code, exc.smtp_error) from None
+            raise self._reply_error(step.name, exc.smtp_code, exc.smtp_error) from None
         except smtplib.SMTPException as exc:
             self.close()
-            raise PermanentError(f"{stage} at {self.where}: {exc}") from None
+            raise PermanentError(f"{step.name} at {self.where}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
             self.close()
             raise PermanentError(
@@ -512,15 +539,15 @@ class SmtpConnection:
         except TimeoutError:
             self.close()
             raise TransientError(
-                f"{stage} at {self.where}: timed out after {self.instance.timeout_s:g} s"
+                f"{step.name} at {self.where}: timed out after {self.instance.timeout_s:g} s"
             ) from None
         except ConnectionRefusedError:
             self.close()
-            raise TransientError(f"{stage} at {self.where}: connection refused") from None
+            raise TransientError(f"{step.name} at {self.where}: connection refused") from None
         except OSError as exc:
             self.close()
             raise TransientError(
-                f"{stage} at {self.where}: connection failed ({exc.strerror or exc})"
+                f"{step.name} at {self.where}: connection failed ({exc.strerror or exc})"
             ) from None
 
 

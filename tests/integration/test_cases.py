@@ -630,9 +630,34 @@ def test_C14_T5_rcpt_451_every_attempt_fails_after_retries_with_last_reply(
     assert tx.recipients == []
     assert tx.refused == {"alice@example.com": "451 4.3.0 Temporary failure"}
     assert_clear_error(tx.message, "451", "4.3.0", "Temporary failure", "alice@example.com")
+    assert tx.message == (
+        "every recipient was deferred; gave up after 4 attempts: "
+        "alice@example.com: 451 4.3.0 Temporary failure"
+    )
     assert_failed_for_good(producer, backend, tx, receipt.event_id)
     assert events.wait_for(receipt.event_id)["name"] == "Plain.Failed"
     assert_quiet_afterwards(fleet.plain, producer, backend, receipt.event_id)
+
+
+def test_C13_M3_a_recipient_deferred_at_every_attempt_is_given_up_and_said_so(
+    fleet: Servers, producer: MailProducer, events: EventsReader
+) -> None:
+    fleet.plain.add_rule(
+        Rule("rcpt", "451 4.3.0 Try again later", times=None, match="later@example.com")
+    )
+    receipt = producer.send(case_event(recipients="alice@example.com, later@example.com"))
+    tx = receipt.wait(timeout_s=WAIT_S)
+
+    assert fleet.plain.accepted_count("alice@example.com") == 1
+    assert fleet.plain.accepted_count("later@example.com") == 0
+    assert rcpt_commands(fleet.plain) == ["alice@example.com"] + ["later@example.com"] * 4
+    assert tx.success is True and tx.attempts == 4
+    assert tx.recipients == ["alice@example.com"]
+    assert tx.refused == {"later@example.com": "451 4.3.0 Try again later"}
+    assert tx.message.endswith(
+        "; still deferred, gave up after 4 attempts: later@example.com: 451 4.3.0 Try again later"
+    )
+    assert events.wait_for(receipt.event_id)["name"] == "Plain.Done"
 
 
 # --- C16 D2: the identical task delivered again after it finished ----------------------------

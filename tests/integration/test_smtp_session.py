@@ -175,9 +175,39 @@ def test_connection_dropped_before_the_reply_to_data_is_transient(
     server.add_rule(Rule("data", DROP))
     conn = session(server)
     built = message("a@example.com")
-    with pytest.raises(TransientError, match="closed the connection"):
+    with pytest.raises(TransientError) as info:
         conn.send(built, built.recipients)
     assert not conn.is_open
+    # Named by the step it happened in, the one where the server may have the mail already.
+    assert str(info.value) == (
+        f"end of DATA for a@example.com at {conn.where}: the server closed the connection "
+        "(Connection unexpectedly closed); the server may have the mail already; a retry may "
+        "deliver it twice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "named"),
+    [("mail", "MAIL FROM"), ("rcpt", "RCPT TO <a@example.com>"), ("data", "end of DATA")],
+)
+def test_a_server_that_stops_answering_is_a_time_out_named_by_its_step(
+    server: TestSmtpServer, stage: str, named: str
+) -> None:
+    server.add_rule(Rule(stage, "", delay_s=2))  # type: ignore[arg-type]
+    instance = InstanceConfig.model_validate(
+        {"mailServer": server.host, "port": server.port, "sender": SENDER, "timeoutS": 0.5}
+    )
+    conn = SmtpConnection("Plain", instance)
+    conn.open()
+    built = message("a@example.com")
+    with pytest.raises(TransientError) as info:
+        conn.send(built, built.recipients)
+    note = "; the server may have the mail already; a retry may deliver it twice"
+    if stage == "data":
+        named, tail = "end of DATA for a@example.com", note
+    else:
+        tail = ""
+    assert str(info.value) == f"{named} at {conn.where}: no reply within 0.5 s (timeoutS){tail}"
 
 
 def test_data_accepted_without_recipients_is_ended_empty(server: TestSmtpServer) -> None:
