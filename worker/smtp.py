@@ -298,8 +298,12 @@ class SmtpConnection:
             options.append(f"SIZE={len(message.data)}")
         if message.needs_smtputf8:
             if not info.smtputf8:
+                wide = [a for a in [message.sender, *recipients] if not a.isascii()] or [
+                    "an address in the headers"
+                ]
                 raise PermanentError(
-                    f"an address is not ASCII but the server {self.where} does not offer SMTPUTF8"
+                    f"{', '.join(wide)}: not ASCII, but the server {self.where} does not offer "
+                    "SMTPUTF8 (RFC 6531); nothing was sent"
                 )
             options.append("SMTPUTF8")
             if smtp.has_extn("8bitmime"):

@@ -225,3 +225,17 @@ def test_data_accepted_without_recipients_is_ended_empty(server: TestSmtpServer)
     assert conn.send(again, again.recipients).accepted == ["c@example.com"]
     conn.close()
     assert [m.rcpt_tos for m in server.received] == [["c@example.com"]]
+
+
+def test_a_non_ascii_address_without_smtputf8_names_the_address() -> None:
+    with TestSmtpServer(smtputf8=False) as srv:
+        conn = session(srv)
+        built = message("jörg@example.com", "ok@example.com")
+        with pytest.raises(PermanentError) as info:
+            conn.send(built, built.recipients)
+        conn.close()
+        assert srv.received == []
+    assert str(info.value) == (
+        f"jörg@example.com: not ASCII, but the server {conn.where} does not offer SMTPUTF8 "
+        "(RFC 6531); nothing was sent"
+    )
