@@ -148,16 +148,29 @@ class MailProducer:
         inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
         blob_ttl_s: float = DEFAULT_BLOB_TTL_S,
     ) -> None:
+        # None means "the default"; an empty URL given on purpose is a mistake, not a default.
         self.broker_url = (
-            broker_url or os.environ.get(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
+            _from_env(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
+            if broker_url is None
+            else _given_url(
+                "broker_url",
+                broker_url,
+                f"env {names.ENV_BROKER_URL}, else {names.DEFAULT_BROKER_URL}",
+            )
         )
         self.result_backend = (
-            result_backend or os.environ.get(names.ENV_RESULT_BACKEND) or self.broker_url
+            _from_env(names.ENV_RESULT_BACKEND) or self.broker_url
+            if result_backend is None
+            else _given_url(
+                "result_backend",
+                result_backend,
+                f"env {names.ENV_RESULT_BACKEND}, else the broker URL",
+            )
         )
         _check_url("broker", self.broker_url, names.BROKER_SCHEMES)
         _check_url("result backend", self.result_backend, names.BACKEND_SCHEMES)
         self.queue = queue
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.inline_limit_bytes = inline_limit_bytes
         self.blob_ttl_s = blob_ttl_s
         self.app = make_client_app(self.broker_url, self.result_backend)
@@ -205,7 +218,11 @@ class MailProducer:
         Events travel ``batch_size`` (default ``MailProducer.batch_size``) to a broker message
         (task ``mailsender.send_batch``); each keeps its own id, result and instance event.
         If any event is invalid, none is enqueued.
+
+        Raises ``ProducerConfigError`` when ``batch_size`` is not a positive integer,
+        ``InvalidEvent`` naming every bad event, or ``EnqueueFailed``.
         """
+        size = self.batch_size if batch_size is None else check_batch_size(batch_size)
         items = list(events)
         parsed: list[MailEvent] = []
         problems: list[str] = []
@@ -219,7 +236,6 @@ class MailProducer:
         if problems:
             raise InvalidEvent("; ".join(problems))
         parsed, blobs = self._by_reference(parsed)
-        size = max(1, batch_size or self.batch_size)
         by_queue: dict[str, list[MailEvent]] = {}
         for event in parsed:
             by_queue.setdefault(self.queue_for(event.instance), []).append(event)
@@ -384,6 +400,42 @@ class MailProducer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_batch_size(batch_size: object) -> int:
+    """Return ``batch_size`` if it is a positive integer (not a bool); raise
+    ``ProducerConfigError`` naming it otherwise."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ProducerConfigError(
+            f"batch_size must be a positive integer (events per broker message), "
+            f"not {type(batch_size).__name__} {batch_size!r}"
+        )
+    if batch_size < 1:
+        raise ProducerConfigError(
+            f"batch_size must be a positive integer (events per broker message), not {batch_size}"
+        )
+    return batch_size
+
+
+def _from_env(variable: str) -> str | None:
+    """The environment variable's value; unset when empty or blank (as the worker takes it)."""
+    value = os.environ.get(variable, "")
+    return value if value.strip() else None
+
+
+def _given_url(argument: str, url: object, default: str) -> str:
+    """``url`` as given for ``argument``; raise ``ProducerConfigError`` if it is not a string
+    or is blank (``None``, not an empty string, asks for the default)."""
+    if not isinstance(url, str):
+        raise ProducerConfigError(
+            f"{argument} must be a URL string, or None for the default, not {type(url).__name__}"
+        )
+    if not url.strip():
+        raise ProducerConfigError(
+            f"{argument} is empty: give a URL such as {names.DEFAULT_BROKER_URL!r}, or None "
+            f"for the default ({default})"
+        )
+    return url
 
 
 def _check_url(what: str, url: str, schemes: tuple[str, ...]) -> None:

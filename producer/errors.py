@@ -2,7 +2,7 @@
 
     MailSenderError                 root of everything MailSender raises on purpose
     ├── InvalidEvent (ValueError)   an event that cannot be sent: fix the event
-    ├── ProducerConfigError (ValueError)  a broker or result backend URL of an unknown kind
+    ├── ProducerConfigError (ValueError)  a bad producer setting: a URL, batch_size
     ├── EnqueueFailed               the broker could not be reached: nothing was enqueued
     ├── MailDeliveryFailed          the final outcome of an event was a failure (.transaction)
     └── MailDeliveryDeferred        a transient failure; the event waits for its next attempt
@@ -41,7 +41,9 @@ class InvalidEvent(MailSenderError, ValueError):
 
 
 class ProducerConfigError(MailSenderError, ValueError):
-    """The producer cannot work with the URLs it was given."""
+    """The producer cannot work with a setting it was given: an empty broker or result backend
+    URL or one of an unknown kind, or a ``batch_size`` that is not a positive integer; the
+    message names the argument."""
 
 
 class EnqueueFailed(MailSenderError):

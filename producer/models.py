@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from email.header import decode_header
 from email.headerregistry import Address
 from email.policy import default as default_policy
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from producer.errors import InvalidEvent
 
@@ -42,6 +43,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+$")
 BLOB_KEY_PREFIX = "mailsender:blob:"
 _BLOB_KEY_PATTERN = re.compile(r"^mailsender:blob:[A-Za-z0-9_.:@\-]{1,200}$")
+_ASCII_WHITESPACE = re.compile(r"[ \t\n\r\f\v]+")
+"""What may separate the lines of base64 content (MIME and ``base64`` wrap it at 76)."""
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/= \t\n\r\f\v]")
+_BASE64_EXPECTED = "expected standard base64 with padding (A-Z, a-z, 0-9, '+', '/' and '=')"
 
 
 class _Model(BaseModel):
@@ -199,18 +204,25 @@ class Attachment(_Model):
     @field_validator("content")
     @classmethod
     def _content_is_base64(cls, value: str | None) -> str | None:
+        # Line-wrapped base64 (MIME, ``base64.encodebytes``, the ``base64`` tool) is accepted
+        # and kept without its line breaks, so that ``decoded`` can decode strictly.
         if value is None:
             return None
+        compact = _ASCII_WHITESPACE.sub("", value)
         try:
-            base64.b64decode(value, validate=True)
+            base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ValueError("is not valid base64") from exc
-        return value
+            raise ValueError(_base64_problem(value, compact)) from exc
+        return compact
 
     @field_validator("path")
     @classmethod
     def _path_ok(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or "\x00" in value):
+        if value is None:
+            return None
+        if "\x00" in value:
+            raise ValueError("contains a NUL character, which a file path cannot contain")
+        if not value.strip():
             raise ValueError("must be a non-empty file path")
         return value
 
@@ -254,6 +266,23 @@ class Attachment(_Model):
         )
 
 
+def _base64_problem(given: str, compact: str) -> str:
+    """Why ``given`` (``compact`` without its whitespace) is not standard base64, in words."""
+    odd = _NOT_BASE64.search(given)
+    if odd:
+        hint = " (URL-safe base64?)" if odd.group() in "-_" else ""
+        return (
+            f"is not valid base64: {odd.group()!r} at position {odd.start()} is not a base64 "
+            f"character{hint}; {_BASE64_EXPECTED}"
+        )
+    if len(compact) % 4:
+        return (
+            f"is not valid base64: its length without line breaks ({len(compact)}) is not a "
+            f"multiple of 4 (padding '=' missing?); {_BASE64_EXPECTED}"
+        )
+    return f"is not valid base64: '=' may appear only as padding at the end; {_BASE64_EXPECTED}"
+
+
 def _attachments_in(value: Any) -> Any:
     """A single string of paths separated by ';' is accepted too (the seed's form)."""
     if value is None:
@@ -268,7 +297,8 @@ def _new_event_id() -> str:
 
 
 class MailEvent(_Model):
-    """A mail event (contract §2). Construct with either spelling of each field."""
+    """A mail event (contract §2). Construct with either spelling of each field (invalid fields
+    raise pydantic's ``ValidationError``); ``parse`` raises ``InvalidEvent`` with one sentence."""
 
     instance: str = Field(pattern=INSTANCE_NAME_PATTERN, max_length=200)
     subject: str = ""
@@ -325,19 +355,75 @@ class MailEvent(_Model):
             raise InvalidEvent(f"invalid mail event: {describe_validation_error(exc)}") from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One sentence for all of a pydantic error's entries: ``field: problem; field: problem``."""
+def describe_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One sentence for all of a pydantic error's entries: ``field: problem; field: problem``.
+
+    Fields are named in the seed's camelCase spelling, whichever spelling the input used
+    (``model`` is the model validated, ``MailEvent`` by default); unknown keys as given.
+    """
+    root = MailEvent if model is None else model
     parts: list[str] = []
     for error in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in error["loc"]) or "(event)"
+        loc = _seed_spelling(error["loc"], root) or "(event)"
         msg = error["msg"]
         msg = msg.removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            msg = "is not a known field"
+            twice = _other_spelling(error["loc"], root)
+            if twice:
+                msg = f"is given twice, as {twice[0]!r} and {twice[1]!r}; give one spelling only"
+            else:
+                msg = "is not a known field"
         elif error["type"] == "missing":
             msg = "is required"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def _seed_spelling(loc: tuple[int | str, ...], model: type[BaseModel]) -> str:
+    """``loc`` with every known field in camelCase, e.g. ``attachments.0.contentType``."""
+    parts: list[str] = []
+    current: type[BaseModel] | None = model
+    for part in loc:
+        found = _field(current, part)
+        parts.append(str(part) if found is None else found[1].alias or found[0])
+        if not isinstance(part, int):  # list indexes stay in the list's model
+            current = None if found is None else _nested_model(found[1].annotation)
+    return ".".join(parts)
+
+
+def _other_spelling(loc: tuple[int | str, ...], model: type[BaseModel]) -> tuple[str, str] | None:
+    """For an unknown key that is a field's other spelling (so the field was given in both):
+    ``(camelCase, snake_case)``; else ``None``."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if not isinstance(part, int):
+            found = _field(current, part)
+            current = None if found is None else _nested_model(found[1].annotation)
+    found = _field(current, loc[-1]) if loc else None
+    if found is None or not found[1].alias or found[1].alias == found[0]:
+        return None
+    return found[1].alias, found[0]
+
+
+def _field(model: type[BaseModel] | None, key: int | str) -> tuple[str, FieldInfo] | None:
+    """``model``'s field spelt ``key`` (by name or by alias): its name and info."""
+    if model is None or not isinstance(key, str):
+        return None
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return name, field
+    return None
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model inside a field's type (``list[Attachment]`` → ``Attachment``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 # --- outcomes -----------------------------------------------------------------------------
