@@ -2,39 +2,72 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import redis
 from kombu import Connection
 from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from producer import names
 from producer.client import MailProducer, redact_url
-from producer.errors import BROKER_REFUSALS, InvalidEvent, MailSenderError
-from producer.models import Attachment, InstanceEvent, MailEvent, Transaction
-from worker.config import ENV_CONFIG, Config, load_config
+from producer.errors import BROKER_REFUSALS, InvalidEvent, MailSenderError, ProducerConfigError
+from producer.models import (
+    Attachment,
+    InstanceEvent,
+    MailEvent,
+    Transaction,
+    describe_validation_error,
+)
+from worker.config import ENV_CONFIG, Config, InstanceConfig, load_config, parse_config
 from worker.errors import ConfigError, DeliveryError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.smtp import ServerInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Everything these print that comes from data (events, transactions, server replies, file
+# names) is shown literally: as Text, or with markup=False. Emoji codes stay text too.
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
+
+MAX_CHECK_THREADS = 16
+"""How many instances ``mailsender check`` probes at the same time."""
+
+UNDECODABLE_KEYS = frozenset({"rawMessage", "contentType", "task"})
+"""The keys of what a worker keeps for a task message it could not decode (``worker.app``)."""
 
 
 def fail(message: str, status: int = 1) -> NoReturn:
     """Print one sentence to stderr and exit."""
-    err.print(f"mailsender: {message}", markup=False, soft_wrap=True)
+    warn(message)
     raise SystemExit(status)
+
+
+def warn(message: str) -> None:
+    """Print one sentence to stderr."""
+    err.print(f"mailsender: {message}", markup=False, soft_wrap=True)
+
+
+def shown(value: str) -> str:
+    """``value`` as it can be shown on one line: quoted when it is empty or not printable."""
+    return value if value.isprintable() and value.strip() == value and value else repr(value)
 
 
 @contextmanager
@@ -42,8 +75,10 @@ def friendly_errors() -> Iterator[None]:
     """Turn every expected error into one sentence and an exit status."""
     try:
         yield
-    except (ConfigError, InvalidEvent) as exc:
+    except (ConfigError, InvalidEvent, ProducerConfigError) as exc:
         fail(str(exc), 2)
+    except ValidationError as exc:  # a value the producer's models refuse, not an event
+        fail(f"invalid value: {describe_validation_error(exc)}", 2)
     except (MailSenderError, WorkerError) as exc:
         fail(str(exc))
     except redis.ConnectionError as exc:
@@ -58,31 +93,27 @@ def friendly_errors() -> Iterator[None]:
         fail("interrupted", 130)
 
 
-def optional_config() -> Config | None:
-    """The configuration if its file exists (errors exit 2); None without a file."""
-    import os
-
+def client_config() -> Config:
+    """The configuration a client command needs (errors exit 2): the file's, if it exists,
+    read leniently — an instance's ``${NAME}`` that is not set in this shell (the worker's
+    secrets) is not needed to enqueue — with the environment's URLs on top; without a file,
+    the URLs from the environment or the defaults."""
     path = Path(os.environ.get(ENV_CONFIG) or "./mailsender.yaml")
-    if not path.exists():
+    try:
+        if path.exists():
+            return load_config(path, lenient=True)
         if os.environ.get(ENV_CONFIG):
             fail(f"configuration file {str(path)!r} not found ({ENV_CONFIG})", 2)
-        return None
-    try:
-        return load_config(path)
+        url_variables = (names.ENV_BROKER_URL, names.ENV_RESULT_BACKEND)
+        return parse_config({}, {k: os.environ[k] for k in url_variables if k in os.environ})
     except ConfigError as exc:
         fail(str(exc), 2)
 
 
 def urls() -> tuple[str, str]:
     """Broker and result backend URLs: environment, else the config file, else defaults."""
-    import os
-
-    config = optional_config()
-    broker = os.environ.get(names.ENV_BROKER_URL) or (
-        config.broker_url if config else names.DEFAULT_BROKER_URL
-    )
-    backend = os.environ.get(names.ENV_RESULT_BACKEND) or (config.backend_url if config else broker)
-    return broker, backend
+    config = client_config()
+    return config.broker_url, config.backend_url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -147,8 +178,58 @@ def _check_services(config: Config) -> list[tuple[str, str, str | None]]:
     return out
 
 
+def _a_number(value: float) -> float:
+    """``value`` unless it is NaN, which every range check lets through."""
+    if math.isnan(value):
+        raise click.BadParameter("must be a number of seconds, not nan")
+    return value
+
+
 def _print_transaction(tx: Transaction) -> None:
-    out.print_json(json.dumps(tx.to_json()))
+    out.print_json(json.dumps(tx.to_json()))  # JSON is highlighted, never read as markup
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _not_a_regular_file(mode: int) -> str | None:
+    """Why a file of this mode cannot be attached, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return f"it is {kind}, not a regular file"
+
+
+def read_attachment(path: str) -> Attachment:
+    """A local file as an inline attachment. Only a regular file is read: a named pipe would
+    block for ever and a device like /dev/zero never ends. Exits 2 with one sentence."""
+    where = repr(path)
+    try:
+        why = _not_a_regular_file(os.stat(path).st_mode)
+        if why is None:
+            # Opened without blocking (a file swapped for a pipe meanwhile is refused below).
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+            fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+            with open(fd, "rb") as file:
+                why = _not_a_regular_file(os.fstat(file.fileno()).st_mode)
+                data = file.read() if why is None else b""
+    except OSError as exc:
+        fail(f"cannot read attachment {where}: {exc.strerror or exc}", 2)
+    if why is not None:
+        fail(f"cannot attach {where}: {why}", 2)
+    try:  # model_validate: pydantic's errors, whatever the model's constructor raises
+        return Attachment.model_validate(
+            {"filename": Path(path).name, "content": base64.b64encode(data).decode("ascii")}
+        )
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        fail(f"cannot attach {where}: its file name {reasons}", 2)
 
 
 @main.command()
@@ -164,7 +245,7 @@ def _print_transaction(tx: Transaction) -> None:
     "--attach",
     "attach",
     multiple=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     help="A local file, sent inline (repeatable).",
 )
 @click.option("--event-id", default=None, help="Idempotency key (generated when absent).")
@@ -177,6 +258,7 @@ def _print_transaction(tx: Transaction) -> None:
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True, max=86400),
+    callback=lambda _ctx, _param, value: _a_number(value),
     help="Seconds to wait with --wait.",
 )
 def send(
@@ -195,13 +277,7 @@ def send(
 ) -> None:
     """Enqueue one mail event; print its id."""
     with friendly_errors():
-        attachments = []
-        for path in attach:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                fail(f"cannot read attachment {path!r}: {exc.strerror}")
-            attachments.append(Attachment.inline(Path(path).name, data))
+        attachments = [read_attachment(path) for path in attach]
         fields: dict[str, Any] = {
             "instance": instance,
             "subject": subject,
@@ -219,7 +295,7 @@ def send(
         broker, backend = urls()
         producer = MailProducer(broker, backend)
         receipt = producer.send(event)
-        out.print(receipt.event_id)
+        out.print(receipt.event_id, markup=False)
         if wait:
             try:
                 tx = receipt.wait(timeout_s)
@@ -274,12 +350,9 @@ def _print_event(body: Any, as_json: bool) -> None:
         out.print(f"(unreadable event) {json.dumps(body)[:200]}", markup=False)
         return
     tx = event.transaction
-    style = "green" if tx.success else "red"
-    out.print(
-        f"[{style}]{event.name}[/{style}] {event.event_id} "
-        f"{tx.timestamp:%Y-%m-%d %H:%M:%S} {tx.message}",
-        soft_wrap=True,
-    )
+    line = Text(event.name, style="green" if tx.success else "red")
+    line.append(f" {event.event_id} {tx.timestamp:%Y-%m-%d %H:%M:%S} {tx.message}")
+    out.print(line, soft_wrap=True)
 
 
 @main.command()
@@ -319,66 +392,95 @@ def render_overview(txs: list[Transaction], limit: int) -> None:
     for (iface, endpoint), items in sorted(groups.items()):
         items = sorted(items[:limit], key=lambda t: (t.success, -t.timestamp.timestamp()))
         failed = sum(not t.success for t in items)
-        title = f"{iface} / {endpoint or '(no endpoint)'}"
+        title = Text(f"{iface} / {endpoint or '(no endpoint)'}")
         if failed:
-            title += f"  [red]{failed} failed[/red]"
+            title.append(f"  {failed} failed", style="red")
         table = Table(title=title, title_justify="left", expand=False)
         for col in ("time (UTC)", "", "event", "attempts", "message"):
             table.add_column(col, overflow="fold")
         for tx in items:
-            mark = "[green]ok[/green]" if tx.success else "[red]FAILED[/red]"
+            mark = Text("ok", style="green") if tx.success else Text("FAILED", style="red")
             table.add_row(
                 f"{tx.timestamp:%Y-%m-%d %H:%M:%S}",
                 mark,
-                tx.event_id,
+                Text(tx.event_id),
                 str(tx.attempts),
-                tx.message,
+                Text(tx.message),
             )
         out.print(table)
 
 
-@main.command()
-def check() -> None:
-    """Validate the configuration; connect, EHLO, STARTTLS and AUTH per instance; send nothing."""
+def probe(name: str, instance: InstanceConfig) -> ServerInfo | str:
+    """Connect, EHLO, STARTTLS and AUTH as configured, then QUIT: what the server offers, or
+    why that failed. Sends nothing."""
     from worker.smtp import SmtpConnection
 
+    conn = SmtpConnection(name, instance)
+    try:
+        conn.open()
+        return conn.server_info()
+    except DeliveryError as exc:
+        return str(exc)
+    except Exception as exc:  # one instance's surprise is its finding, not the end of check
+        return f"unexpected error: {type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+def _ok(detail: str = "") -> Text:
+    text = Text("ok", style="green")
+    text.append(detail)
+    return text
+
+
+@main.command()
+def check() -> None:
+    """Validate the configuration; connect, EHLO, STARTTLS and AUTH per instance; send nothing.
+
+    The broker, the result backend and every instance are probed at the same time (at most
+    ``MAX_CHECK_THREADS`` at once), so a check takes about as long as its slowest server; the
+    rows stay in the order of the instances' names.
+    """
     try:
         config = load_config()
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"mailsender: {problem}", markup=False, soft_wrap=True)
+            warn(problem)
         raise SystemExit(2) from None
     if not config.instances:
         fail("the configuration has no instances", 2)
     table = Table(title="MailSender check")
     for col in ("instance", "server", "result", "TLS", "AUTH offered", "SIZE", "SMTPUTF8"):
         table.add_column(col, overflow="fold")
+    instances = sorted(config.instances.items())
+    pool = ThreadPoolExecutor(max_workers=min(MAX_CHECK_THREADS, len(instances) + 1))
+    try:
+        services = pool.submit(_check_services, config)
+        probes = [pool.submit(probe, name, instance) for name, instance in instances]
+        findings = [p.result() for p in probes]
+        service_findings = services.result()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        fail("interrupted", 130)
+    pool.shutdown()
     failures = 0
-    for role, url, finding in _check_services(config):
+    for role, url, finding in service_findings:
         failures += finding is not None
-        verdict = "[green]ok[/green]" if finding is None else f"[red]{escape(finding)}[/red]"
-        table.add_row(f"({role})", redact_url(url), verdict, "", "", "", "")
-    for name, instance in sorted(config.instances.items()):
-        conn = SmtpConnection(name, instance)
-        server = f"{instance.mail_server}:{instance.port}"
-        try:
-            conn.open()
-            info = conn.server_info()
-        except DeliveryError as exc:
+        verdict = _ok() if finding is None else Text(finding, style="red")
+        table.add_row(f"({role})", Text(redact_url(url)), verdict, "", "", "", "")
+    for (name, instance), info in zip(instances, findings, strict=True):
+        server = Text(f"{instance.mail_server}:{instance.port}")
+        if isinstance(info, str):
             failures += 1
-            table.add_row(name, server, f"[red]{escape(str(exc))}[/red]", "", "", "", "")
+            table.add_row(Text(name), server, Text(info, style="red"), "", "", "", "")
             continue
-        finally:
-            conn.close()
-        result = "[green]ok[/green]" + (
-            f", AUTH as {info.authenticated_as}" if info.authenticated_as else ""
-        )
+        auth = f", AUTH as {info.authenticated_as}" if info.authenticated_as else ""
         table.add_row(
-            name,
+            Text(name),
             server,
-            result,
+            _ok(auth),
             "yes" if info.tls else "no",
-            " ".join(info.auth_mechanisms) or "-",
+            Text(" ".join(info.auth_mechanisms) or "-"),
             str(info.size_limit) if info.size_limit else "-",
             "yes" if info.smtputf8 else "no",
         )
@@ -392,7 +494,10 @@ def check() -> None:
 def replay(event_ids: tuple[str, ...]) -> None:
     """Enqueue failed events again (all dead letters when no id is given)."""
     from worker.app import enqueue_raw, make_store
+    from worker.store import DEAD_KEY
 
+    if any(not event_id.strip() for event_id in event_ids):
+        fail("an event id must not be empty", 2)
     with friendly_errors():
         broker, backend = urls()
         store = make_store(Config(broker_url=broker, result_backend=backend))
@@ -401,8 +506,14 @@ def replay(event_ids: tuple[str, ...]) -> None:
             out.print("no failed events to replay")
             return
         producer = MailProducer(broker, backend)
-        missing = []
+        missing: list[str] = []
+        undecodable: list[str] = []
         for event_id in ids:
+            # Looked at before take_for_replay, which resets the event's record.
+            kept = store.r.hget(DEAD_KEY, event_id)
+            if isinstance(kept, str | bytes) and is_undecodable(json.loads(kept)):
+                undecodable.append(event_id)
+                continue
             taken = store.take_for_replay(event_id)
             if taken is None:
                 missing.append(event_id)
@@ -416,9 +527,23 @@ def replay(event_ids: tuple[str, ...]) -> None:
                 producer.queue_for(str(letter.get("instance", ""))),
             )
             store.forget_dead_letter(event_id, stored)  # only once it is enqueued
-            out.print(f"replayed {event_id}")
+            out.print(f"replayed {event_id}", markup=False)
+        for event_id in undecodable:
+            warn(
+                f"event {shown(event_id)} cannot be replayed: its task message could not be "
+                "decoded; it is kept for inspection"
+            )
         if missing:
-            fail(f"no failed event with id {', '.join(missing)}")
+            fail(f"no failed event with id {', '.join(shown(i) for i in missing)}")
+        if undecodable:
+            raise SystemExit(1)
+
+
+def is_undecodable(letter: Any) -> bool:
+    """Whether a dead letter keeps a task message the worker could not decode (pickle, not
+    UTF-8, not a task): its ``event`` is then the raw message, which no worker can send."""
+    event = letter.get("event") if isinstance(letter, dict) else None
+    return isinstance(event, dict) and "rawMessage" in event and set(event) <= UNDECODABLE_KEYS
 
 
 @main.command()

@@ -10,11 +10,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -61,6 +62,94 @@ def parse_rate_limit(value: str) -> tuple[int, float]:
     return int(match.group(1)), _WINDOWS_S[match.group(2)]
 
 
+def _not_a_bool(value: Any) -> Any:
+    """Refuse YAML's ``true``/``false`` for a number: Python counts them as 1 and 0, so
+    ``port: true`` would quietly become port 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+"""An integer parameter; numbers as text ("587", from ``${PORT}``) count, true/false do not."""
+
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+"""A number parameter; numbers as text count, true/false do not."""
+
+
+_KOMBU_KEYS = "kombu's Redis transport keeps its unacknowledged messages under that key"
+RESERVED_QUEUES: dict[str, str] = {
+    names.EVENTS_QUEUE: (
+        "it is MailSender's events queue, and the worker would consume its own Done and "
+        "Failed events for ever"
+    ),
+    "unacked": _KOMBU_KEYS,
+    "unacked_index": _KOMBU_KEYS,
+    "unacked_mutex": _KOMBU_KEYS,
+}
+"""Queue names an instance may not route to, and why (they are Redis keys of someone else)."""
+
+RESERVED_QUEUE_PREFIXES: dict[str, str] = {
+    names.KEY_PREFIX: "names starting with 'mailsender:' are MailSender's own Redis keys",
+    "_kombu": "names starting with '_kombu' are kombu's Redis keys (queue bindings)",
+    "celery-task-meta-": "names starting with 'celery-task-meta-' are Celery's result keys",
+    "celery-taskset-meta-": "names starting with 'celery-taskset-meta-' are Celery's result keys",
+    "celeryev": "names starting with 'celeryev' are Celery's monitoring event queues",
+}
+"""Prefixes of queue names an instance may not route to, and why."""
+
+
+def reserved_queue(queue: str) -> str | None:
+    """Why ``queue`` clashes with a name MailSender, Celery or kombu use, or None."""
+    why = RESERVED_QUEUES.get(queue)
+    if why is None:
+        why = next((w for p, w in RESERVED_QUEUE_PREFIXES.items() if queue.startswith(p)), None)
+    if why is None and queue.endswith(".pidbox"):
+        why = "names ending in '.pidbox' are Celery's remote-control queues"
+    return why
+
+
+def _split_address_list(value: str) -> list[str]:
+    """Split at the commas that separate addresses (not those in quotes, <…> or comments)."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    depth = 0
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif not quoted and char in "<(":
+            depth += 1
+        elif not quoted and char in ">)":
+            depth = max(depth - 1, 0)
+        elif char == "," and not quoted and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def check_address_list(value: str) -> None:
+    """Raise ``ValueError`` naming the entry of ``value`` that is not an address (not the
+    whole list, when one entry of several is wrong)."""
+    try:
+        parse_address_list(value)
+    except ValueError as exc:
+        for part in _split_address_list(value):
+            try:
+                parse_address_list(part)
+            except ValueError as part_exc:
+                hint = "; separate addresses with ',', not ';'" if ";" in part else ""
+                raise ValueError(f"{part_exc}{hint}") from None
+        raise ValueError(str(exc)) from None
+
+
 class InstanceConfig(BaseModel):
     """One configured sender instance; the seed's parameter names, camelCase or snake_case."""
 
@@ -69,7 +158,7 @@ class InstanceConfig(BaseModel):
     )
 
     mail_server: str = Field(min_length=1)
-    port: int = Field(default=25, ge=1, le=65535)
+    port: Int = Field(default=25, ge=1, le=65535)
     use_ssl: bool = False
     tls: Literal["starttls", "implicit", "none"] | None = None
     use_default_credentials: bool = False
@@ -81,14 +170,14 @@ class InstanceConfig(BaseModel):
     endpoint: str = ""
     interface: str = ""
     ca_file: Path | None = None
-    max_retries: int = Field(default=10, ge=0, le=1000)
-    retry_delay_s: float = Field(default=10.0, gt=0, le=DAY_S)
-    retry_delay_max_s: float = Field(default=600.0, gt=0, le=7 * DAY_S)
-    timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    max_connections: int = Field(default=8, ge=1, le=100)
+    max_retries: Int = Field(default=10, ge=0, le=1000)
+    retry_delay_s: Float = Field(default=10.0, gt=0, le=DAY_S)
+    retry_delay_max_s: Float = Field(default=600.0, gt=0, le=7 * DAY_S)
+    timeout_s: Float = Field(default=60.0, gt=0, le=3600)
+    max_connections: Int = Field(default=8, ge=1, le=100)
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,100}$")
     rate_limit: str | None = None
-    max_message_bytes: int = Field(default=35 * 1024 * 1024, gt=0, le=1024**3)
+    max_message_bytes: Int = Field(default=35 * 1024 * 1024, gt=0, le=1024**3)
 
     @field_validator("mail_server")
     @classmethod
@@ -97,11 +186,28 @@ class InstanceConfig(BaseModel):
             raise ValueError(f"{value!r} is not a host name or IP address")
         return value
 
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def _recipients_type(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise ValueError("must be a string or a list of strings")
+
     @field_validator("recipients")
     @classmethod
     def _recipients_ok(cls, value: str | list[str]) -> str | list[str]:
         for item in [value] if isinstance(value, str) else value:
-            parse_address_list(item)
+            check_address_list(item)
+        return value
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_not_reserved(cls, value: str | None) -> str | None:
+        why = reserved_queue(value) if value is not None else None
+        if why is not None:
+            raise ValueError(f"{value!r} cannot be used: {why}")
         return value
 
     @field_validator("sender")
@@ -142,6 +248,17 @@ class InstanceConfig(BaseModel):
             raise ValueError("useSsl: true contradicts tls: none")
         return self
 
+    @model_validator(mode="after")
+    def _delays_consistent(self) -> InstanceConfig:
+        if self.retry_delay_s > self.retry_delay_max_s:
+            default = "" if "retry_delay_max_s" in self.model_fields_set else ", the default"
+            raise ValueError(
+                f"retryDelayS ({self.retry_delay_s:g}) is larger than retryDelayMaxS "
+                f"({self.retry_delay_max_s:g}{default}): the first back-off cannot be longer "
+                "than the longest one"
+            )
+        return self
+
     @property
     def tls_mode(self) -> str:
         """``starttls``, ``implicit`` or ``none``: ``tls`` if set, else from ``useSsl``."""
@@ -168,17 +285,17 @@ class Config(BaseModel):
 
     broker_url: str = names.DEFAULT_BROKER_URL
     result_backend: str = ""
-    visibility_timeout_s: float = Field(default=3600.0, gt=0, le=30 * DAY_S)
+    visibility_timeout_s: Float = Field(default=3600.0, gt=0, le=30 * DAY_S)
     # Longer than a producer's publish retries (about 6 s), so that an event whose publish
     # finally failed (EnqueueFailed) is not enqueued by the sweep after all.
-    lost_message_after_s: float | None = Field(default=None, ge=10, le=30 * DAY_S)
+    lost_message_after_s: Float | None = Field(default=None, ge=10, le=30 * DAY_S)
     # A send lock is renewed every third of this while its worker lives; a killed worker's
     # events wait at most this long before another worker may send them.
-    send_lock_lease_s: float = Field(default=60.0, ge=3, le=DAY_S)
+    send_lock_lease_s: Float = Field(default=60.0, ge=3, le=DAY_S)
     broker_transport_options: dict[str, Any] = Field(default_factory=dict)
-    idempotency_ttl_s: float = Field(default=7 * DAY_S, gt=0, le=366 * DAY_S)
-    dead_letter_max: int = Field(default=10000, ge=1, le=10_000_000)
-    transactions_max: int = Field(default=100000, ge=1, le=100_000_000)
+    idempotency_ttl_s: Float = Field(default=7 * DAY_S, gt=0, le=366 * DAY_S)
+    dead_letter_max: Int = Field(default=10000, ge=1, le=10_000_000)
+    transactions_max: Int = Field(default=100000, ge=1, le=100_000_000)
     attachment_root: Path | None = None
     log_format: Literal["text", "json"] = "text"
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
@@ -226,31 +343,57 @@ class Config(BaseModel):
         return self.instances[instance].interface or instance
 
 
-def _expand(value: Any, env: Mapping[str, str], where: str, errors: list[str]) -> Any:
-    """Replace ``${NAME}`` in every string from ``env``; note each unset name in ``errors``."""
+WORKER_ONLY_KEYS = frozenset({"attachment_root"})
+"""Top-level keys a lenient (client) parse ignores: paths on the worker's machine."""
+
+WORKER_ONLY_PARAMETERS = frozenset({"ca_file"})
+"""Instance parameters (snake_case) a lenient (client) parse ignores."""
+
+
+def _expand(
+    value: Any,
+    env: Mapping[str, str],
+    where: str,
+    errors: list[str],
+    unset: list[str] | None = None,
+) -> Any:
+    """Replace ``${NAME}`` in every string from ``env``; note each problem in ``errors`` and,
+    in ``unset``, the names of the variables that are not set."""
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
+            if not name.strip():
+                errors.append(
+                    f"{where}: {match.group()} is an empty variable reference; put the name "
+                    "of an environment variable between the braces"
+                )
+                return ""
             if name not in env:
                 errors.append(f"{where}: environment variable ${{{name}}} is not set")
+                if unset is not None:
+                    unset.append(name)
                 return ""
             return env[name]
 
         return _VAR.sub(sub, value)
     if isinstance(value, dict):
         return {
-            k: _expand(v, env, f"{where}.{k}" if where else str(k), errors)
+            k: _expand(v, env, f"{where}.{k}" if where else str(k), errors, unset)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_expand(v, env, where, errors) for v in value]
+        return [_expand(v, env, where, errors, unset) for v in value]
     return value
 
 
-def _describe(prefix: str, exc: ValidationError) -> list[str]:
+def _describe(prefix: str, exc: ValidationError, ignore: set[str] | None = None) -> list[str]:
+    """One problem per error; those about the parameters in ``ignore`` (snake_case) are
+    dropped."""
     out = []
     for err in exc.errors(include_url=False):
+        if ignore and err["loc"] and to_snake(str(err["loc"][0])) in ignore:
+            continue
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -261,8 +404,17 @@ def _describe(prefix: str, exc: ValidationError) -> list[str]:
     return out
 
 
-def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
-    """Validate a loaded YAML document; raise ``ConfigError`` listing every problem."""
+def parse_config(raw: Any, env: Mapping[str, str], *, lenient: bool = False) -> Config:
+    """Validate a loaded YAML document; raise ``ConfigError`` listing every problem.
+
+    ``lenient`` is for clients (``mailsender send``, ``events``, ``transactions``, ``replay``),
+    which need the broker and result backend URLs but not the instances' secrets: an instance
+    parameter whose ``${NAME}`` is not set is left out (its default applies), an instance
+    that cannot be built without it is left out of the result, and the paths only workers
+    read (``WORKER_ONLY_KEYS``, ``WORKER_ONLY_PARAMETERS``), which need not exist where the
+    client runs, are ignored. Every other problem, including an unset variable outside the
+    instances, is still an error. Workers and ``mailsender check`` parse strictly.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -270,6 +422,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     errors: list[str] = []
     raw = dict(raw)
     instances_raw = raw.pop("instances", None) or {}
+    if lenient:
+        raw = {k: v for k, v in raw.items() if k not in WORKER_ONLY_KEYS}
     top: dict[str, Any] = {}
     for key, value in raw.items():
         key_errors: list[str] = []
@@ -286,6 +440,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     for variable, key in overrides.items():
         if env.get(variable, "").strip():  # set but empty counts as unset
             top[key] = env[variable].strip()
+    if lenient:
+        for key in WORKER_ONLY_KEYS:
+            top.pop(key, None)
     instances: dict[str, InstanceConfig] = {}
     if not isinstance(instances_raw, dict):
         errors.append("instances: must be a mapping of instance name to its parameters")
@@ -312,13 +469,26 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
                 for keys in twice
             )
             continue
-        var_errors: list[str] = []
-        expanded = _expand(params, env, "", var_errors)
-        errors.extend(prefix + e for e in var_errors)
+        expanded: dict[Any, Any] = {}
+        left_out: set[str] = set()  # parameters with a ${NAME} problem: not validated too
+        for key, value in params.items():
+            if lenient and to_snake(str(key)) in WORKER_ONLY_PARAMETERS:
+                continue
+            var_errors: list[str] = []
+            unset: list[str] = []
+            expanded_value = _expand(value, env, str(key), var_errors, unset)
+            if var_errors:
+                left_out.add(to_snake(str(key)))
+                if not (lenient and len(unset) == len(var_errors)):
+                    errors.extend(prefix + e for e in var_errors)
+                continue
+            expanded[key] = expanded_value
         try:
             instances[name] = InstanceConfig.model_validate(expanded)
         except ValidationError as exc:
-            errors.extend(_describe(prefix, exc))
+            # Problems of left-out parameters are reported once, above (or, lenient, not at
+            # all: the instance is then left out as a whole).
+            errors.extend(_describe(prefix, exc, ignore=left_out))
     try:
         config = Config.model_validate({**top, "instances": {}})
     except ValidationError as exc:
@@ -329,8 +499,14 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     return config.model_copy(update={"instances": instances})
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the YAML file (``MAILSENDER_CONFIG``, default ``./mailsender.yaml``) and validate it."""
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    lenient: bool = False,
+) -> Config:
+    """Read the YAML file (``MAILSENDER_CONFIG``, default ``./mailsender.yaml``) and validate it
+    (``lenient``: see ``parse_config``). Raises ``ConfigError``."""
     env = os.environ if env is None else env
     path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
     try:
@@ -358,7 +534,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         raise ConfigError(
             [f"configuration file {str(path)!r} is not valid YAML{where}{why}"]
         ) from None
-    return parse_config(raw, env)
+    return parse_config(raw, env, lenient=lenient)
 
 
 class _NoAliasLoader(yaml.SafeLoader):
