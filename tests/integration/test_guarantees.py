@@ -126,6 +126,41 @@ def test_crash_500_events_sigkill_workers_nothing_lost(
     assert duplicates <= kills * 2 * 8
 
 
+def test_a_killed_workers_event_is_handed_on_soon_after_the_visibility_timeout(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    """kombu's Redis transport scans for abandoned messages only every ~100 s by default;
+    workers make it scan every visibility_timeout_s / 5, so a killed worker's event is sent by
+    another one within about 1.2 x the visibility timeout (and the send lock's lease)."""
+    smtp.add_rule(Rule("rcpt", "", times=1, delay_s=30))  # the first worker hangs at RCPT
+    config = config_for(own_redis, smtp, visibility_timeout_s=4, send_lock_lease_s=3)
+    first = WorkerProcess(tmp_path, config, name="first", pool="prefork", concurrency=1).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipt = producer.send(
+            MailEvent(
+                instance="Crash", subject="handed on", message="x", recipients="h@example.com"
+            )
+        )
+        assert smtp.wait_for(lambda s: s.transactions >= 1, timeout_s=10)  # it is mid-send
+        first.kill()
+        killed_at = time.monotonic()
+        second = WorkerProcess(
+            tmp_path, config, name="second", pool="prefork", concurrency=1
+        ).start()
+        try:
+            tx = receipt.wait(timeout_s=40)
+            handed_on_s = time.monotonic() - killed_at
+        finally:
+            second.stop()
+    finally:
+        producer.close()
+    assert tx.success is True
+    assert smtp.accepted_count("h@example.com") == 1
+    # Visibility 4 s, scans every 1 s, lease 3 s: well under kombu's default of ~100 s.
+    assert handed_on_s < 15, f"handed on after {handed_on_s:.1f} s"
+
+
 def test_backoff_longer_than_visibility_timeout_is_not_sent_twice(
     tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
 ) -> None:
