@@ -41,8 +41,41 @@ def readable_envelope(item: bytes | str) -> dict[str, Any] | str:
     return message
 
 
+class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's Redis QoS, but an ack or reject that comes after its channel lost the broker
+    connection is given up with a warning instead of raising.
+
+    Celery runs acks and rejects (a requeue after an infrastructure error, say) as callbacks
+    on the worker's event loop; when one runs against a channel whose connection dropped
+    meanwhile, kombu raises AttributeError from deep inside, which Celery treats as
+    unrecoverable: the whole worker exits. The message itself is safe: it stays in kombu's
+    unacked set in Redis and is restored after the visibility timeout, and its event is
+    idempotent.
+    """
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)
+        except AttributeError as exc:
+            log.warning("ack of %s lost with the broker connection (%s)", delivery_tag, exc)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except AttributeError as exc:
+            log.warning(
+                "reject of %s lost with the broker connection (%s); the message is restored "
+                "after the visibility timeout",
+                delivery_tag,
+                exc,
+            )
+
+
 class KeepingChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """A Redis channel that sets unreadable queue items aside (see the module)."""
+    """A Redis channel that sets unreadable queue items aside (see the module), and survives
+    acks and rejects that come after its connection was lost (``KeepingQoS``)."""
+
+    QoS = KeepingQoS
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu's own _brpop_read, with the decoding checked before delivery.
