@@ -373,11 +373,7 @@ def transactions(interface: str | None, errors_only: bool, limit: int) -> None:
         _, backend = urls()
         config = Config(broker_url=backend, result_backend=backend)
         store = make_store(config)
-        txs = store.transactions()
-        if interface:
-            txs = [t for t in txs if t.interface == interface]
-        if errors_only:
-            txs = [t for t in txs if not t.success]
+        txs = store.latest_transactions(limit, interface=interface, failures_only=errors_only)
         render_overview(txs, limit)
 
 

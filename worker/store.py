@@ -539,15 +539,40 @@ class Store:
         """Remove a replayed dead letter, unless a newer failure of the event replaced it."""
         self._forget_letter(keys=[DEAD_KEY, DEAD_INDEX_KEY], args=[event_id, stored])
 
-    def transactions(self, count: int = 2000) -> list[Transaction]:
-        """The newest transactions of the log first."""
-        entries = cast(
-            list[tuple[str, dict[str, str]]],
-            self.r.xrevrange(names.TRANSACTIONS_STREAM, count=count),
-        )
+    def latest_transactions(
+        self,
+        per_group: int,
+        *,
+        interface: str | None = None,
+        failures_only: bool = False,
+        page: int = 2000,
+    ) -> list[Transaction]:
+        """Up to ``per_group`` newest transactions of every (interface, endpoint), newest first,
+        from the whole log (read backwards a page at a time): a failure or a quiet interface
+        far back in the log is still found."""
         out: list[Transaction] = []
-        for _id, fields in entries:
-            raw = fields.get("transaction")
-            if raw:
-                out.append(Transaction.model_validate_json(raw))
-        return out
+        counts: dict[tuple[str, str], int] = {}
+        upper = "+"
+        while True:
+            entries = cast(
+                list[tuple[str, dict[str, str]]],
+                self.r.xrevrange(names.TRANSACTIONS_STREAM, max=upper, count=page),
+            )
+            for _id, fields in entries:
+                raw = fields.get("transaction")
+                if not raw:
+                    continue
+                data = json.loads(raw)
+                if interface is not None and data.get("interface") != interface:
+                    continue
+                if failures_only and data.get("success"):
+                    continue
+                group = (str(data.get("interface")), str(data.get("endpoint")))
+                if counts.get(group, 0) >= per_group:
+                    continue
+                counts[group] = counts.get(group, 0) + 1
+                out.append(Transaction.model_validate(data))
+            if len(entries) < page:
+                return out
+            upper = f"({entries[-1][0]}"
+

@@ -408,6 +408,56 @@ def test_transactions_overview_and_errors_only(
     assert bad.event_id not in only.stdout
 
 
+def test_transactions_finds_failures_and_quiet_interfaces_far_back_in_the_log(
+    tmp_path: Path,
+) -> None:
+    """The overview reads the whole log, not only its newest few thousand entries: a failure
+    and a quiet interface behind 5000 newer successes are still shown."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url(1))
+
+        def tx(event_id: str, interface: str, success: bool) -> str:
+            return json.dumps(
+                {
+                    "eventId": event_id, "instance": interface, "interface": interface,
+                    "endpoint": "", "success": success, "count": int(success),
+                    "message": "sent" if success else "550 5.1.1 gone@example.com: User unknown",
+                    "timestamp": "2026-12-04T08:00:00+00:00", "messageId": "",
+                    "recipients": [], "refused": {}, "attempts": 1,
+                }
+            )  # fmt: skip
+
+        client.xadd("mailsender:transactions", {"transaction": tx("old-failure", "Busy", False)})
+        client.xadd("mailsender:transactions", {"transaction": tx("quiet-1", "Quiet", True)})
+        pipe = client.pipeline()
+        for i in range(5000):
+            pipe.xadd("mailsender:transactions", {"transaction": tx(f"new-{i}", "Busy", True)})
+        pipe.execute()
+        env = {
+            **os.environ,
+            "MAILSENDER_CONFIG": str(tmp_path / "none.yaml"),
+            "MAILSENDER_BROKER_URL": server.url(0),
+            "MAILSENDER_RESULT_BACKEND": server.url(1),
+            "COLUMNS": "400",
+        }
+        (tmp_path / "none.yaml").write_text("instances: {}\n")
+        errors = mailsender("transactions", "--errors", env=env)
+        quiet = mailsender("transactions", "--interface", "Quiet", env=env)
+        overview = mailsender("transactions", env=env)
+    finally:
+        server.stop()
+    assert errors.returncode == 0, errors.stderr
+    assert "old-failure" in errors.stdout and "new-" not in errors.stdout
+    assert quiet.returncode == 0, quiet.stderr
+    assert "quiet-1" in quiet.stdout
+    assert "Busy / (no endpoint)" in overview.stdout and "Quiet / (no endpoint)" in overview.stdout
+    # The latest 20 per group by default: Busy's newest 20 (the old failure is the 5001st).
+    busy_rows = [line for line in overview.stdout.splitlines() if "new-" in line]
+    assert len(busy_rows) == 20
+    assert "new-4999" in overview.stdout and "old-failure" not in overview.stdout
+
+
 # --- replay ---------------------------------------------------------------------------------
 
 
