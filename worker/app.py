@@ -421,6 +421,7 @@ def create_app(config: Config) -> Celery:
 
     @app.task(  # type: ignore[untyped-decorator]
         name=names.TASK_NAME,
+        shared=False,  # only this app runs it: other apps in the process (producers) do not
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -458,6 +459,7 @@ def create_app(config: Config) -> Celery:
 
     @app.task(  # type: ignore[untyped-decorator]
         name=names.TASK_BATCH_NAME,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
 from producer.errors import InvalidEvent
 from producer.models import (
     EVENT_ID_PATTERN,
@@ -45,7 +47,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_REOPEN_S = 30.0
 LOCK_BUSY_DELAY_S = 2.0
+LOCK_EXPIRY_MARGIN_S = 0.25
 PUBLISH_CLAIM_S = 30.0
+PROGRESS_PATIENCE = 0.8
+"""Share of ``send_lock_lease_s`` for which a run keeps trying to record an accepted mail."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class _Job:
     event: MailEvent | None = None
     instance: InstanceConfig | None = None
     token: str | None = None
+    lock_left_s: float = 0.0
     outcome: Outcome | None = None
     final: FinalWrite | None = None
     already_published: bool = False
@@ -254,8 +260,9 @@ class Deliverer:
         leases = [self.config.send_lock_lease_s] * len(prepared)
         begun = self.store.begin_many(prepared, queue, leases)
         jobs: list[_Job] = []
-        for (event_id, raw), (record, token) in zip(prepared, begun, strict=True):
-            job = _Job(event_id, raw, record, token=token)
+        for (event_id, raw), start in zip(prepared, begun, strict=True):
+            record = start.record
+            job = _Job(event_id, raw, record, token=start.token, lock_left_s=start.lock_left_s)
             jobs.append(job)
             if record.transaction is not None:
                 log.info(
@@ -306,13 +313,15 @@ class Deliverer:
         sending: list[_Job] = []
         for job in jobs:
             if job.token is None:
-                log.info("event %s: another worker is sending it now; later", job.event_id)
-                self._defer(
-                    job,
-                    "another worker is sending this event now",
-                    LOCK_BUSY_DELAY_S,
-                    counts=False,
+                # Look again when the holder's lock runs out: by then it has recorded the
+                # outcome (this run then finds it final) or it died and left the event to us.
+                delay_s = max(LOCK_BUSY_DELAY_S, job.lock_left_s + LOCK_EXPIRY_MARGIN_S)
+                log.info(
+                    "event %s: another worker is sending it now; looking again in %.1f s",
+                    job.event_id,
+                    delay_s,
                 )
+                self._defer(job, "another worker is sending this event now", delay_s, counts=False)
             else:
                 sending.append(job)
         return sending
@@ -422,7 +431,7 @@ class Deliverer:
             deferred = sent.deferred
             if sent.accepted or sent.refused:
                 # The server has the mail now: this write comes before anything else can fail.
-                self.store.record_progress(job.event_id, accepted, refused)
+                self._record_progress(job.event_id, accepted, refused)
             log.info(
                 "event %s: attempt %d: %d accepted, %d refused, %d deferred by %s",
                 job.event_id,
@@ -440,6 +449,28 @@ class Deliverer:
         self._conclude(
             job, accepted, refused, message_id=built.message_id, where=where, gave_up=deferred
         )
+
+    def _record_progress(self, event_id: str, accepted: list[str], refused: dict[str, str]) -> None:
+        """Write what the server accepted, retrying through a Redis outage for most of the
+        send lock's lease: a redelivery that finds it unrecorded would send the mail again.
+        Only an outage longer than that ends the run (its message is requeued)."""
+        deadline = time.monotonic() + self.config.send_lock_lease_s * PROGRESS_PATIENCE
+        pause_s = 0.5
+        while True:
+            try:
+                self.store.record_progress(event_id, accepted, refused)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() + pause_s > deadline:
+                    raise
+                log.warning(
+                    "event %s: the server accepted it but Redis is away (%s); still trying to "
+                    "record that",
+                    event_id,
+                    exc,
+                )
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 5.0)
 
     # -- outcomes --------------------------------------------------------------------------
 

@@ -79,6 +79,25 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
+# KEYS: record and result key per retry, then the retry schedule. ARGV per retry: id, raw
+# event, due (ms), counts ('1': an attempt; '0': waiting for a lock or a rate limit), the RETRY
+# result and its expiry (s). An event that became final meanwhile (another run finished it
+# between this run's start and now) is left alone: its final result is not overwritten.
+_SCHEDULE = """
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  local key, result = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 6 * (i - 1)
+  if redis.call('HEXISTS', key, 'transaction') == 0 then
+    redis.call('HSET', key, 'event', ARGV[a + 2])
+    redis.call('ZADD', KEYS[#KEYS], ARGV[a + 3], ARGV[a + 1])
+    if ARGV[a + 4] == '0' then redis.call('HINCRBY', key, 'attempts', -1) end
+    redis.call('SETEX', result, ARGV[a + 6], ARGV[a + 5])
+    redis.call('PUBLISH', result, ARGV[a + 5])
+  end
+end
+return n
+"""
 # KEYS: lock key per lock; ARGV: lease (ms), then the token of each lock.
 _EXTEND = """
 local extended = 0
@@ -105,7 +124,13 @@ for i = 1, n do
   local key, lock = KEYS[2 * i - 1], KEYS[2 * i]
   local id, token, lease = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
   local locked = 0
-  if token ~= '' and redis.call('SET', lock, token, 'NX', 'PX', lease) then locked = 1 end
+  if token ~= '' then
+    if redis.call('SET', lock, token, 'NX', 'PX', lease) then
+      locked = 1
+    else
+      locked = -1 - math.max(redis.call('PTTL', lock), 0)  -- held: -1 - its time left (ms)
+    end
+  end
   redis.call('HINCRBY', key, 'attempts', 1)
   redis.call('HSETNX', key, 'queue', ARGV[1])
   redis.call('PEXPIRE', key, ARGV[2])
@@ -236,6 +261,16 @@ class DueRetry:
     queue: str
 
 
+@dataclass(frozen=True)
+class Begun:
+    """An event at the start of a run: its record, the send lock's token if this run holds
+    it, and otherwise how long the lock still has to run (s; 0 when it was not asked for)."""
+
+    record: EventRecord
+    token: str | None
+    lock_left_s: float
+
+
 class Store:
     """The Redis side of delivery: idempotency, locks, retries, log and dead letters."""
 
@@ -261,6 +296,7 @@ class Store:
         self._begin = self.r.register_script(_BEGIN)
         self._forget_letter = self.r.register_script(_FORGET_LETTER)
         self._extend = self.r.register_script(_EXTEND)
+        self._schedule = self.r.register_script(_SCHEDULE)
         self._finals = self.r.register_script(_FINALS)
         self._published = self.r.register_script(_PUBLISHED)
 
@@ -268,14 +304,14 @@ class Store:
 
     def begin(self, event_id: str, raw_event: Any, queue: str) -> EventRecord:
         """Count this run as an attempt and return the record, in one round trip."""
-        return self.begin_many([(event_id, raw_event)], queue, [0.0])[0][0]
+        return self.begin_many([(event_id, raw_event)], queue, [0.0])[0].record
 
     def begin_many(
         self, events: list[tuple[str, Any]], queue: str, leases_s: list[float]
-    ) -> list[tuple[EventRecord, str | None]]:
+    ) -> list[Begun]:
         """For each event in one round trip: count this run as an attempt, take its send lock
-        for ``lease_s`` (None when another worker holds it; 0 = do not lock), and read its
-        record. The raw event is kept in the record only when it has to wait for a retry."""
+        for ``lease_s`` (0 = do not lock), and read its record. The raw event is kept in the
+        record only when it has to wait for a retry."""
         tokens = [uuid.uuid4().hex if lease else None for lease in leases_s]
         keys: list[str] = []
         args: list[str | int] = [queue, self.ttl_ms]
@@ -284,11 +320,12 @@ class Store:
             args += [event_id, token or "", int(lease_s * 1000)]
         keys += [names.PENDING_KEY, names.PENDING_INDEX_KEY]
         reply = cast(list[Any], self._begin(keys=keys, args=args))
-        out: list[tuple[EventRecord, str | None]] = []
+        out: list[Begun] = []
         for i, token in enumerate(tokens):
-            locked, flat = reply[2 * i], reply[2 * i + 1]
+            locked, flat = int(reply[2 * i]), reply[2 * i + 1]
             data = dict(zip(flat[::2], flat[1::2], strict=True))
-            out.append((self._record(data), token if locked else None))
+            held_s = (-locked - 1) / 1000 if locked < 0 else 0.0
+            out.append(Begun(self._record(data), token if locked == 1 else None, held_s))
         return out
 
     def get(self, event_id: str) -> EventRecord | None:
@@ -425,16 +462,21 @@ class Store:
         task state RETRY, in one round trip."""
         if not retries:
             return
-        pipe = self.r.pipeline(transaction=False)
+        keys: list[str] = []
+        args: list[str | int] = []
         for retry in retries:
-            pipe.hset(event_key(retry.event_id), "event", json.dumps(retry.raw_event))
-            pipe.zadd(RETRIES_KEY, {retry.event_id: int(retry.due_s * 1000)})
-            if not retry.counts:  # waiting for a rate limit is not an attempt
-                pipe.hincrby(event_key(retry.event_id), "attempts", -1)
             result_key, value, expires_s = retry.result
-            pipe.setex(result_key, expires_s, value)
-            pipe.publish(result_key, value)
-        pipe.execute()
+            keys += [event_key(retry.event_id), result_key]
+            args += [
+                retry.event_id,
+                json.dumps(retry.raw_event),
+                int(retry.due_s * 1000),
+                "1" if retry.counts else "0",
+                value,
+                int(expires_s),
+            ]
+        keys.append(RETRIES_KEY)
+        self._schedule(keys=keys, args=args)
 
     def claim_due(self, lease_s: float, limit: int = 100) -> list[DueRetry]:
         """Take due retries for publishing; each stays claimed ``lease_s`` until confirmed."""
@@ -575,4 +617,3 @@ class Store:
             if len(entries) < page:
                 return out
             upper = f"({entries[-1][0]}"
-

@@ -339,7 +339,7 @@ def test_same_event_enqueued_concurrently_is_sent_once(
     tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
 ) -> None:
     smtp.add_rule(Rule("data", "", times=None, delay_s=0.5))
-    config = config_for(own_redis, smtp)
+    config = config_for(own_redis, smtp, send_lock_lease_s=3)
     workers = [
         WorkerProcess(tmp_path, config, name=f"w{i}", concurrency=2).start() for i in range(2)
     ]
@@ -354,7 +354,7 @@ def test_same_event_enqueued_concurrently_is_sent_once(
     try:
         producer.send_many([event, event, event], batch_size=1)
         tx = producer.receipt(event.event_id).wait(timeout_s=30)
-        time.sleep(3)  # let every copy run
+        time.sleep(5)  # the waiting copies look again when the lock (3 s) would run out
     finally:
         for worker in workers:
             worker.stop()
@@ -463,6 +463,43 @@ def test_redis_restart_while_mails_are_in_flight_the_worker_survives(
     assert set(copies.values()) == {1}
     assert "Connection to broker lost" in log  # the worker did see the restart
     assert "In Celery 5.1 we introduced an optional breaking change" not in log  # no noise
+
+
+@pytest.mark.slow
+def test_a_redis_outage_longer_than_the_clients_own_retries_sends_nothing_twice(
+    tmp_path: Path, own_redis: RedisServer, smtp: TestSmtpServer
+) -> None:
+    """Redis away for 20 s while mails are being accepted: the Redis client's own retries
+    (about 17 s) give up, but a run keeps trying to record what the server accepted (for most
+    of the send lock's lease), so no redelivery sends those mails again."""
+    smtp.add_rule(Rule("data", "", times=None, delay_s=0.7))  # sends are in flight at the stop
+    config = config_for(own_redis, smtp, timeoutS=10, send_lock_lease_s=60)
+    worker = WorkerProcess(tmp_path, config, name="w", pool="prefork", concurrency=2).start()
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipts = producer.send_many(
+            [
+                MailEvent(
+                    instance="Crash", subject=f"away {i}", message="x", recipients=f"a{i}@x.org"
+                )
+                for i in range(4)
+            ],
+            batch_size=2,
+        )
+        assert smtp.wait_for(lambda s: s.transactions >= 1, timeout_s=10)
+        own_redis.stop()
+        time.sleep(20)
+        own_redis.start()
+        outcomes = [r.wait(timeout_s=90) for r in receipts]
+        log = worker.log()
+    finally:
+        worker.stop()
+        producer.close()
+    assert all(t.success for t in outcomes)
+    copies = copies_by_message_id(smtp)
+    assert len(copies) == 4
+    assert set(copies.values()) == {1}, copies
+    assert "still trying to record that" in log
 
 
 def test_instance_events_not_published_because_the_broker_was_away_come_with_the_next_run(
