@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 # names) is shown literally: as Text, or with markup=False. Emoji codes stay text too.
 out = Console(highlight=False, emoji=False)
 err = Console(stderr=True, highlight=False, emoji=False)
+
+HELD_EVENTS_MAX = 100
+"""``events --instance``: how many events of other instances are held before they go back."""
 
 MAX_CHECK_THREADS = 16
 """How many instances ``mailsender check`` probes at the same time."""
@@ -316,27 +320,52 @@ def events(follow: bool, instance: str | None, as_json: bool) -> None:
 
     with friendly_errors():
         broker, _ = urls()
-        held: list[Any] = []
-        with Connection(broker, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=2)
-            queue = EVENTS_QUEUE(conn.default_channel)
-            queue.declare()
+        pause_s = 1.0
+        while True:
             try:
-                while True:
-                    message = queue.get(no_ack=False, accept=["json"])
-                    if message is None:
-                        if not follow:
-                            break
+                _take_events(broker, EVENTS_QUEUE, follow, instance, as_json)
+                return
+            except (OperationalError, redis.ConnectionError, ConnectionError) as exc:
+                if not follow:
+                    raise
+                # --follow outlives a broker restart: say so once per loss, then reconnect.
+                warn(f"lost the broker connection ({exc}); reconnecting in {pause_s:g} s")
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 30.0)
+
+
+def _take_events(
+    broker: str, events_queue: Any, follow: bool, instance: str | None, as_json: bool
+) -> None:
+    """Print and acknowledge the events waiting on the events queue (with ``follow``, for
+    ever); events of other instances than ``instance`` are put back."""
+    held: list[Any] = []
+    with Connection(broker, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=2)
+        queue = events_queue(conn.default_channel)
+        queue.declare()
+        try:
+            while True:
+                message = queue.get(no_ack=False, accept=["json"])
+                if message is None:
+                    if not follow:
+                        return
+                    time.sleep(0.2)
+                    continue
+                body = message.payload
+                if instance and isinstance(body, dict) and body.get("instance") != instance:
+                    held.append(message)
+                    if len(held) >= HELD_EVENTS_MAX:  # put them back now and then
+                        for other in held:
+                            other.requeue()
+                        held.clear()
                         time.sleep(0.2)
-                        continue
-                    body = message.payload
-                    if instance and isinstance(body, dict) and body.get("instance") != instance:
-                        held.append(message)
-                        continue
-                    _print_event(body, as_json)
-                    message.ack()
-            finally:
-                for message in held:
+                    continue
+                _print_event(body, as_json)
+                message.ack()
+        finally:
+            for message in held:
+                with contextlib.suppress(Exception):  # a lost connection gives them back too
                     message.requeue()
 
 

@@ -364,6 +364,53 @@ def test_events_for_one_instance_leaves_the_others_on_the_queue(
     assert alerts.event_id not in events.seen
 
 
+def test_events_follow_outlives_a_broker_restart(tmp_path: Path) -> None:
+    """`mailsender events --follow` reconnects when Redis goes away and comes back."""
+    from kombu import Connection
+
+    from worker.outcomes import EVENTS_EXCHANGE, EVENTS_QUEUE
+
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    env = {
+        **os.environ,
+        "MAILSENDER_CONFIG": str(tmp_path / "none.yaml"),
+        "MAILSENDER_BROKER_URL": server.url(0),
+        "MAILSENDER_RESULT_BACKEND": server.url(1),
+    }
+    (tmp_path / "none.yaml").write_text("instances: {}\n")
+
+    def publish(event_id: str) -> None:
+        with Connection(server.url(0)) as conn:
+            conn.Producer().publish(
+                {"name": "X.Done", "instance": "X", "eventId": event_id, "transaction": {}},
+                exchange=EVENTS_EXCHANGE,
+                routing_key="X.Done",
+                declare=[EVENTS_QUEUE],
+                serializer="json",
+            )
+
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "events", "--follow", "--json"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        publish("before-restart")
+        time.sleep(1.5)
+        server.stop()
+        time.sleep(2)
+        server.start()
+        publish("after-restart")
+        time.sleep(4)
+    finally:
+        follow.terminate()
+        out, err = follow.communicate(timeout=10)
+        server.stop()
+    assert '"eventId": "before-restart"' in out
+    assert '"eventId": "after-restart"' in out, err
+    assert "lost the broker connection" in err
+    assert "Traceback" not in err
+
+
 # --- transactions ---------------------------------------------------------------------------
 
 
