@@ -32,12 +32,17 @@ def _rabbitmq_answers() -> bool:
         return False
 
 
-@pytest.fixture
-def amqp_fleet(tmp_path: Path) -> Iterator[tuple[MailProducer, TestSmtpServer, EventsReader]]:
+def require_rabbitmq() -> None:
+    """Skip when RabbitMQ does not answer, except in CI with RabbitMQ installed: a failure."""
     if not _rabbitmq_answers():
         if os.environ.get("CI") and shutil.which("rabbitmq-server"):
             pytest.fail("RabbitMQ is installed but does not answer on 127.0.0.1:5672")
         pytest.skip("RabbitMQ does not answer on 127.0.0.1:5672")
+
+
+@pytest.fixture
+def amqp_fleet(tmp_path: Path) -> Iterator[tuple[MailProducer, TestSmtpServer, EventsReader]]:
+    require_rabbitmq()
     with Connection(AMQP_URL) as conn:  # leftovers of an earlier run
         channel = conn.default_channel
         EVENTS_QUEUE(channel).declare()
@@ -110,10 +115,7 @@ def test_rabbitmq_broker_delivers_retries_and_publishes_events(
 def test_rabbitmq_worker_sigkilled_mid_run_loses_nothing(tmp_path: Path) -> None:
     """The crash test on RabbitMQ: 200 events, a worker's process group SIGKILLed twice and
     replaced; RabbitMQ hands the unacknowledged messages on at once, and nothing is lost."""
-    if not _rabbitmq_answers():
-        if os.environ.get("CI") and shutil.which("rabbitmq-server"):
-            pytest.fail("RabbitMQ is installed but does not answer on 127.0.0.1:5672")
-        pytest.skip("RabbitMQ does not answer on 127.0.0.1:5672")
+    require_rabbitmq()
     queue = f"mailsender.crash{os.getpid()}"
     redis_server = RedisServer(tmp_path / "redis").start()
     smtp = TestSmtpServer()
@@ -175,8 +177,7 @@ def test_rabbitmq_worker_sigkilled_mid_run_loses_nothing(tmp_path: Path) -> None
 def test_producers_made_and_closed_per_request_do_not_pile_up_rabbitmq_connections() -> None:
     """kombu keeps one connection pool per broker URL and process; a producer made and closed
     per request reuses it instead of leaving a connection open each time."""
-    if not _rabbitmq_answers():
-        pytest.skip("RabbitMQ does not answer on 127.0.0.1:5672")
+    require_rabbitmq()
     import gc
 
     import amqp
