@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -223,8 +224,12 @@ class KeepingConsumer(Consumer):  # type: ignore[misc]
 
         def on_task_received(message: Any) -> Any:
             headers = getattr(message, "headers", None)
-            if isinstance(headers, dict) and "task" in headers and "id" not in headers:
-                headers["id"] = None  # as a null id: the event gets an id of its own
+            if isinstance(headers, dict) and "task" in headers and not headers.get("id"):
+                # A hand-made message without a task id: one derived from its body, the same
+                # on every redelivery (a batch's events are named after it).
+                body = message.body if isinstance(message.body, bytes) else str(message.body)
+                data = body if isinstance(body, bytes) else body.encode("utf-8", "replace")
+                headers["id"] = f"msg-{hashlib.sha256(data).hexdigest()[:32]}"
             try:
                 return handler(message)
             except passing:

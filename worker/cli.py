@@ -48,9 +48,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 out = Console(highlight=False, emoji=False)
 err = Console(stderr=True, highlight=False, emoji=False)
 
-HELD_EVENTS_MAX = 100
-"""``events --instance``: how many events of other instances are held before they go back."""
-
 MAX_CHECK_THREADS = 16
 """How many instances ``mailsender check`` probes at the same time."""
 
@@ -85,8 +82,10 @@ def friendly_errors() -> Iterator[None]:
         fail(f"invalid value: {describe_validation_error(exc)}", 2)
     except (MailSenderError, WorkerError) as exc:
         fail(str(exc))
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         fail(f"cannot reach Redis: {exc}")
+    except redis.RedisError as exc:
+        fail(f"Redis refused a command: {exc}")
     except OperationalError as exc:
         fail(f"cannot reach the broker: {exc}")
     except BROKER_REFUSALS as exc:
@@ -322,13 +321,16 @@ def events(follow: bool, instance: str | None, as_json: bool) -> None:
         broker, _ = urls()
         pause_s = 1.0
         while True:
+            started = time.monotonic()
             try:
                 _take_events(broker, EVENTS_QUEUE, follow, instance, as_json)
                 return
-            except (OperationalError, redis.ConnectionError, ConnectionError) as exc:
+            except (OperationalError, redis.RedisError, OSError) as exc:
                 if not follow:
                     raise
-                # --follow outlives a broker restart: say so once per loss, then reconnect.
+                if time.monotonic() - started > 30:  # it ran a while: a new loss, not a retry
+                    pause_s = 1.0
+                # --follow outlives a broker restart: say so, then reconnect.
                 warn(f"lost the broker connection ({exc}); reconnecting in {pause_s:g} s")
                 time.sleep(pause_s)
                 pause_s = min(pause_s * 2, 30.0)
@@ -354,12 +356,7 @@ def _take_events(
                     continue
                 body = message.payload
                 if instance and isinstance(body, dict) and body.get("instance") != instance:
-                    held.append(message)
-                    if len(held) >= HELD_EVENTS_MAX:  # put them back now and then
-                        for other in held:
-                            other.requeue()
-                        held.clear()
-                        time.sleep(0.2)
+                    held.append(message)  # put back when this command ends
                     continue
                 _print_event(body, as_json)
                 message.ack()

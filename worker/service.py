@@ -12,12 +12,14 @@ to the idempotency record right after it, before anything else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,8 +51,12 @@ IDLE_REOPEN_S = 30.0
 LOCK_BUSY_DELAY_S = 2.0
 LOCK_EXPIRY_MARGIN_S = 0.25
 PUBLISH_CLAIM_S = 30.0
+MAX_TASK_ID = 500
+"""The longest task id an outcome is stored under as it is."""
 PROGRESS_PATIENCE = 0.8
 """Share of ``send_lock_lease_s`` for which a run keeps trying to record an accepted mail."""
+PROGRESS_CALL_S = 20.0
+"""How long one write may take with the Redis client's own retries (``store.connect``)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class LockKeeper:
         self.store = store
         self.lease_s = lease_s
         self._held: dict[str, str] = {}
+        self._valid_until: dict[str, float] = {}  # monotonic: the lease as last renewed
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,17 +134,27 @@ class LockKeeper:
             return
         with self._lock:
             self._held.update(held)
+            until = time.monotonic() + self.lease_s
+            self._valid_until.update((event_id, until) for event_id, _ in held)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name="mailsender-lock-keeper", daemon=True
                 )
                 self._thread.start()
 
-    def release(self, event_ids: list[str]) -> None:
-        """Stop renewing these locks (they are given back, or left to expire)."""
+    def release(self, held: list[tuple[str, str]]) -> None:
+        """Stop renewing these (event id, token) locks (given back, or left to expire); a
+        newer lock of the same event taken meanwhile by another run is kept."""
         with self._lock:
-            for event_id in event_ids:
-                self._held.pop(event_id, None)
+            for event_id, token in held:
+                if self._held.get(event_id) == token:
+                    del self._held[event_id]
+                    self._valid_until.pop(event_id, None)
+
+    def valid_until(self, event_id: str) -> float | None:
+        """Until when (monotonic) this process's lock on ``event_id`` surely holds, or None."""
+        with self._lock:
+            return self._valid_until.get(event_id)
 
     def _loop(self) -> None:
         while not self._wake.wait(self.lease_s / 3):
@@ -145,8 +162,13 @@ class LockKeeper:
                 held = list(self._held.items())
             if not held:
                 continue
+            asked_at = time.monotonic()
             try:
                 self.store.extend_locks(held, self.lease_s)
+                with self._lock:
+                    for event_id, token in held:
+                        if self._held.get(event_id) == token:
+                            self._valid_until[event_id] = asked_at + self.lease_s
             except Exception as exc:  # Redis away: the next round tries again
                 log.warning("cannot renew %d send lock(s): %s", len(held), exc)
 
@@ -164,14 +186,21 @@ def _instance_name_of(raw: Any) -> str:
 
 def _event_id_of(raw: Any, task_id: str | None) -> str:
     """The id an outcome is stored under: the event's own, if it is a valid one, else the
-    task's (what a waiting client holds), else a new one (a hand-made message without id)."""
+    task's (what a waiting client holds, whatever its form), else one derived from the event
+    itself, so that every redelivery of a hand-made message without ids gets the same one."""
     if isinstance(raw, dict):
         value = raw.get("eventId", raw.get("event_id"))
         if isinstance(value, str) and EVENT_ID_PATTERN.match(value):
             return value
-    if isinstance(task_id, str) and EVENT_ID_PATTERN.match(task_id):
+    if (
+        isinstance(task_id, str)
+        and task_id.strip()
+        and task_id.isprintable()
+        and len(task_id) <= MAX_TASK_ID
+    ):
         return task_id
-    return str(uuid.uuid4())
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=repr).encode()).hexdigest()
+    return f"event-{digest[:32]}"
 
 
 @dataclass
@@ -228,7 +257,7 @@ class Deliverer:
                 self.store.release_many(held)
                 raise
         finally:
-            self.locks.release([event_id for event_id, _ in held])
+            self.locks.release(held)
         outcomes: list[Outcome] = []
         for job in jobs:
             assert job.outcome is not None
@@ -242,6 +271,21 @@ class Deliverer:
         job = _Job(event_id, raw, record)
         if record.transaction is not None:
             self._final(job, record.transaction, already=True)
+        elif record.accepted:
+            # The server has it for some recipients already: a success, never a dead letter
+            # (a replay would send it again).
+            tx = self._failure(event_id, _instance_name_of(raw), reason, record)
+            accepted = list(record.accepted)
+            tx = tx.model_copy(
+                update={
+                    "success": True,
+                    "count": 1,
+                    "recipients": accepted,
+                    "refused": dict(record.refused),
+                    "message": f"sent to {len(accepted)} recipient(s); then: {reason}",
+                }
+            )
+            self._final(job, tx)
         else:
             self._final(job, self._failure(event_id, _instance_name_of(raw), reason, record))
         self._record([job])
@@ -332,7 +376,10 @@ class Deliverer:
                 self._attempt(job)
             return
         executor = self._pool_executor()
-        list(executor.map(self._attempt, jobs))
+        futures = [executor.submit(self._attempt, job) for job in jobs]
+        concurrent.futures.wait(futures)  # every send has ended before any error goes up
+        for future in futures:
+            future.result()
 
     def _pool_executor(self) -> ThreadPoolExecutor:
         with self._executor_lock:
@@ -389,6 +436,7 @@ class Deliverer:
         assert event is not None and instance is not None
         accepted = list(record.accepted)
         refused = dict(record.refused)
+        todo: list[str] = []
         with self._slots[event.instance]:
             try:
                 blobs = self.store.blobs([a.blob for a in event.attachments if a.blob])
@@ -408,7 +456,9 @@ class Deliverer:
                     exc,
                     extra=_fields(job, smtp_code=exc.code),
                 )
-                self._conclude(job, accepted, refused, failure=str(exc))
+                self._conclude(
+                    job, accepted, refused, failure=str(exc), gave_up=_left(todo, accepted, exc)
+                )
                 return
             except TransientError as exc:
                 log.info(
@@ -422,7 +472,9 @@ class Deliverer:
                     self._defer_backoff(job, str(exc))
                 else:
                     failure = f"{exc} (gave up after {record.attempts} attempts)"
-                    self._conclude(job, accepted, refused, failure=failure)
+                    self._conclude(
+                        job, accepted, refused, failure=failure, gave_up=_left(todo, accepted, exc)
+                    )
                 return
         deferred: dict[str, str] = {}
         if sent is not None:
@@ -455,6 +507,11 @@ class Deliverer:
         send lock's lease: a redelivery that finds it unrecorded would send the mail again.
         Only an outage longer than that ends the run (its message is requeued)."""
         deadline = time.monotonic() + self.config.send_lock_lease_s * PROGRESS_PATIENCE
+        valid_until = self.locks.valid_until(event_id)
+        if valid_until is not None:
+            # Never past the lock: once it lapses, a waiting copy may take the event, and it
+            # must find the progress written or this run must have given up (and requeued).
+            deadline = min(deadline, valid_until - PROGRESS_CALL_S)
         pause_s = 0.5
         while True:
             try:
@@ -583,6 +640,14 @@ class Deliverer:
         self.pool.close_all()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+def _left(todo: list[str], accepted: list[str], exc: Exception) -> dict[str, str]:
+    """The recipients an attempt that failed as a whole left without delivery, with why —
+    only when others were accepted earlier (else the failure itself says it all)."""
+    if not accepted:
+        return {}
+    return {address: str(exc) for address in todo}
 
 
 def _reply_code(sent: SendOutcome) -> int:

@@ -594,13 +594,16 @@ class Store:
         far back in the log is still found."""
         out: list[Transaction] = []
         counts: dict[tuple[str, str], int] = {}
-        upper = "+"
+        upper, seen = "+", None
         while True:
+            # The bound is inclusive (Redis before 6.2 has no exclusive one): skip the entry
+            # the previous page ended with.
             entries = cast(
                 list[tuple[str, dict[str, str]]],
-                self.r.xrevrange(names.TRANSACTIONS_STREAM, max=upper, count=page),
+                self.r.xrevrange(names.TRANSACTIONS_STREAM, max=upper, count=page + 1),
             )
-            for _id, fields in entries:
+            fresh = [e for e in entries if e[0] != seen]
+            for _id, fields in fresh:
                 raw = fields.get("transaction")
                 if not raw:
                     continue
@@ -614,6 +617,6 @@ class Store:
                     continue
                 counts[group] = counts.get(group, 0) + 1
                 out.append(Transaction.model_validate(data))
-            if len(entries) < page:
+            if not fresh or len(entries) < page + 1:
                 return out
-            upper = f"({entries[-1][0]}"
+            upper = seen = entries[-1][0]

@@ -473,7 +473,7 @@ def test_a_redis_outage_longer_than_the_clients_own_retries_sends_nothing_twice(
     (about 17 s) give up, but a run keeps trying to record what the server accepted (for most
     of the send lock's lease), so no redelivery sends those mails again."""
     smtp.add_rule(Rule("data", "", times=None, delay_s=0.7))  # sends are in flight at the stop
-    config = config_for(own_redis, smtp, timeoutS=10, send_lock_lease_s=60)
+    config = config_for(own_redis, smtp, timeoutS=10, send_lock_lease_s=90)
     worker = WorkerProcess(tmp_path, config, name="w", pool="prefork", concurrency=2).start()
     producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:

@@ -768,6 +768,28 @@ def test_a_task_message_without_a_task_id_ends_once_and_does_not_loop(
     assert "infrastructure unavailable" not in fleet_worker.log()
 
 
+def test_hand_made_batches_without_ids_are_not_taken_for_each_other(
+    fleet: Servers, fleet_worker: WorkerProcess, redis_server: RedisServer
+) -> None:
+    """Two `mailsender.send_batch` messages without a task id, whose events have no eventId:
+    each event gets an id derived from its own message, so none is found "already final"."""
+    broker = redis.Redis.from_url(redis_server.url(0))
+    subjects = [new_id(f"batch-no-id-{i}") for i in range(4)]
+    for pair in (subjects[:2], subjects[2:]):
+        events = []
+        for subject in pair:
+            one = event(subject=subject, recipients=f"{subject}@example.com")
+            del one["eventId"]
+            events.append(one)
+        body = json.dumps([[], {"events": events}, {}]).encode()
+        headers = {"lang": "py", "task": "mailsender.send_batch", "root_id": None}
+        broker.lpush(QUEUE, _envelope(body, headers))
+    broker.close()
+    assert fleet.plain.wait_for(lambda s: len(s.received) == 4, timeout_s=WAIT_S)
+    time.sleep(1)
+    assert sorted(m.message()["subject"] for m in fleet.plain.received) == sorted(subjects)
+
+
 # --- 5. the password is nowhere -------------------------------------------------------------
 
 _B64_RUN = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")

@@ -164,3 +164,18 @@ def test_task_arguments_are_shown_redacted(payload: object, shown: str) -> None:
     from worker.app import shown_arguments
 
     assert shown_arguments(payload) == ("()", shown)
+
+
+def test_an_outcome_is_stored_under_the_task_id_whatever_its_form() -> None:
+    """A client waits on the task id it sent: an event id the event itself cannot use (not
+    of the pattern) still stores the outcome there; without any id, one derived from the
+    event, the same on every redelivery."""
+    from worker.service import _event_id_of
+
+    assert _event_id_of({"eventId": "ok-1"}, "task") == "ok-1"
+    assert _event_id_of({"eventId": "invoice/2024/17"}, "invoice/2024/17") == "invoice/2024/17"
+    raw = {"instance": "A", "subject": "s"}
+    derived = _event_id_of(raw, None)
+    assert derived.startswith("event-") and derived == _event_id_of(dict(raw), "")
+    assert _event_id_of(raw, "bad\nid") == derived  # never a line break into a log line
+    assert _event_id_of({"instance": "B"}, None) != derived
