@@ -149,23 +149,15 @@ class MailProducer:
         blob_ttl_s: float = DEFAULT_BLOB_TTL_S,
     ) -> None:
         # None means "the default"; an empty URL given on purpose is a mistake, not a default.
-        self.broker_url = (
-            _from_env(names.ENV_BROKER_URL) or names.DEFAULT_BROKER_URL
-            if broker_url is None
-            else _given_url(
-                "broker_url",
-                broker_url,
-                f"env {names.ENV_BROKER_URL}, else {names.DEFAULT_BROKER_URL}",
-            )
+        self.broker_url = _url_or_default(
+            "broker_url", broker_url, names.ENV_BROKER_URL, names.DEFAULT_BROKER_URL
         )
-        self.result_backend = (
-            _from_env(names.ENV_RESULT_BACKEND) or self.broker_url
-            if result_backend is None
-            else _given_url(
-                "result_backend",
-                result_backend,
-                f"env {names.ENV_RESULT_BACKEND}, else the broker URL",
-            )
+        self.result_backend = _url_or_default(
+            "result_backend",
+            result_backend,
+            names.ENV_RESULT_BACKEND,
+            self.broker_url,
+            "the broker URL",
         )
         _check_url("broker", self.broker_url, names.BROKER_SCHEMES)
         _check_url("result backend", self.result_backend, names.BACKEND_SCHEMES)
@@ -421,6 +413,15 @@ def _from_env(variable: str) -> str | None:
     """The environment variable's value; unset when empty or blank (as the worker takes it)."""
     value = os.environ.get(variable, "")
     return value if value.strip() else None
+
+
+def _url_or_default(
+    argument: str, given: object, variable: str, fallback: str, fallback_text: str = ""
+) -> str:
+    """The URL given for ``argument``, or for ``None`` env ``variable``, else ``fallback``."""
+    if given is None:
+        return _from_env(variable) or fallback
+    return _given_url(argument, given, f"env {variable}, else {fallback_text or fallback}")
 
 
 def _given_url(argument: str, url: object, default: str) -> str:

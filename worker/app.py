@@ -150,17 +150,14 @@ def shown_arguments(payload: Any) -> tuple[str, str]:
 
 
 class SafeRequest(Request):  # type: ignore[misc]
-    """A task request whose arguments are shown redacted, and whose acknowledgement survives a
-    broker connection lost mid-task.
+    """A task request whose arguments are shown redacted.
 
     Whatever ``argsrepr``/``kwargsrepr`` a client sent (Celery's own client sends the whole
     keyword arguments, mail body included), the worker replaces them with
     ``shown_arguments``: they go into the task events Flower shows and into Celery's log lines.
-
-    With the Redis transport, acknowledging on a channel whose connection just dropped raises
-    AttributeError deep in kombu, which Celery treats as unrecoverable and the worker dies.
-    The message is restored to the queue by the transport anyway; its redelivery finds the
-    event final in the idempotency record, so it is not sent again.
+    (An ack or a reject that comes after the broker connection was lost is survived one level
+    down, in ``worker.transport.KeepingQoS``, whether Celery runs it at once or later on its
+    event loop.)
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -168,20 +165,6 @@ class SafeRequest(Request):  # type: ignore[misc]
         shown = shown_arguments(self._payload)  # decoded once by Celery's Request already
         self._argsrepr, self._kwargsrepr = shown
         self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = shown
-
-    def acknowledge(self) -> None:
-        try:
-            super().acknowledge()
-        except AttributeError as exc:
-            log.warning("task %s: ack lost with the broker connection (%s)", self.id, exc)
-            self.acknowledged = True
-
-    def reject(self, requeue: bool = False) -> None:
-        try:
-            super().reject(requeue)
-        except AttributeError as exc:
-            log.warning("task %s: reject lost with the broker connection (%s)", self.id, exc)
-            self.acknowledged = True
 
 
 class KeepingConsumer(Consumer):  # type: ignore[misc]

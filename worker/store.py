@@ -302,10 +302,6 @@ class Store:
 
     # -- idempotency record ----------------------------------------------------------------
 
-    def begin(self, event_id: str, raw_event: Any, queue: str) -> EventRecord:
-        """Count this run as an attempt and return the record, in one round trip."""
-        return self.begin_many([(event_id, raw_event)], queue, [0.0])[0].record
-
     def begin_many(
         self, events: list[tuple[str, Any]], queue: str, leases_s: list[float]
     ) -> list[Begun]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import EnqueueFailed, MailEvent, MailProducer
+from producer import EnqueueFailed, MailEvent, MailProducer, Transaction
 from tests.support.fleet import RedisServer, WorkerProcess, free_port
 from tests.support.smtp import Rule, TestSmtpServer
 
@@ -46,6 +46,38 @@ def config_for(redis_server: RedisServer, smtp: TestSmtpServer, **params: Any) -
             }
         },
     }
+
+
+def send_through_a_redis_outage(
+    own_redis: RedisServer,
+    smtp: TestSmtpServer,
+    *,
+    events: int,
+    batch_size: int,
+    in_flight: int,
+    outage_s: float,
+    wait_s: float,
+) -> list[Transaction]:
+    """Send ``events`` to the Crash instance, stop Redis once ``in_flight`` SMTP transactions
+    have begun, start it again after ``outage_s`` and wait for every outcome."""
+    producer = MailProducer(own_redis.url(0), own_redis.url(1))
+    try:
+        receipts = producer.send_many(
+            [
+                MailEvent(
+                    instance="Crash", subject=f"outage {i}", message="x", recipients=f"o{i}@x.org"
+                )
+                for i in range(events)
+            ],
+            batch_size=batch_size,
+        )
+        assert smtp.wait_for(lambda s: s.transactions >= in_flight, timeout_s=10)
+        own_redis.stop()
+        time.sleep(outage_s)
+        own_redis.start()
+        return [r.wait(timeout_s=wait_s) for r in receipts]
+    finally:
+        producer.close()
 
 
 @pytest.fixture
@@ -433,30 +465,14 @@ def test_redis_restart_while_mails_are_in_flight_the_worker_survives(
     smtp.add_rule(Rule("data", "", times=None, delay_s=0.7))  # tasks are mid-send at the stop
     config = config_for(own_redis, smtp, timeoutS=10)
     worker = WorkerProcess(tmp_path, config, name="w", pool="prefork", concurrency=2).start()
-    producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:
-        receipts = producer.send_many(
-            [
-                MailEvent(
-                    instance="Crash",
-                    subject=f"flight {i}",
-                    message="x",
-                    recipients=f"f{i}@example.com",
-                )
-                for i in range(6)
-            ],
-            batch_size=1,
+        outcomes = send_through_a_redis_outage(
+            own_redis, smtp, events=6, batch_size=1, in_flight=2, outage_s=1.5, wait_s=60
         )
-        assert smtp.wait_for(lambda s: s.transactions >= 2, timeout_s=10)
-        own_redis.stop()
-        time.sleep(1.5)
-        own_redis.start()
-        outcomes = [r.wait(timeout_s=60) for r in receipts]
         assert worker.proc is not None and worker.proc.poll() is None, worker.log()[-3000:]
         log = worker.log()
     finally:
         worker.stop()
-        producer.close()
     assert all(t.success for t in outcomes)
     copies = copies_by_message_id(smtp)
     assert len(copies) == 6
@@ -475,26 +491,13 @@ def test_a_redis_outage_longer_than_the_clients_own_retries_sends_nothing_twice(
     smtp.add_rule(Rule("data", "", times=None, delay_s=0.7))  # sends are in flight at the stop
     config = config_for(own_redis, smtp, timeoutS=10, send_lock_lease_s=90)
     worker = WorkerProcess(tmp_path, config, name="w", pool="prefork", concurrency=2).start()
-    producer = MailProducer(own_redis.url(0), own_redis.url(1))
     try:
-        receipts = producer.send_many(
-            [
-                MailEvent(
-                    instance="Crash", subject=f"away {i}", message="x", recipients=f"a{i}@x.org"
-                )
-                for i in range(4)
-            ],
-            batch_size=2,
+        outcomes = send_through_a_redis_outage(
+            own_redis, smtp, events=4, batch_size=2, in_flight=1, outage_s=20, wait_s=90
         )
-        assert smtp.wait_for(lambda s: s.transactions >= 1, timeout_s=10)
-        own_redis.stop()
-        time.sleep(20)
-        own_redis.start()
-        outcomes = [r.wait(timeout_s=90) for r in receipts]
         log = worker.log()
     finally:
         worker.stop()
-        producer.close()
     assert all(t.success for t in outcomes)
     copies = copies_by_message_id(smtp)
     assert len(copies) == 4
